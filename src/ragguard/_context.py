@@ -1,0 +1,71 @@
+"""Per-call state that travels down a pipeline: one :class:`CallContext` per logical call, never shared."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._hints import RateLimitHeaders
+from ._outcome import Classifier, classify_exception
+
+__all__ = ["CallContext"]
+
+
+class CallContext:
+    """What the guards of one logical call share. Created per call (tenacity#93: shared retry state corrupts
+    concurrent calls), filled by the guards and by the provider's attempt function.
+
+    Attributes:
+        clock: the clock deadlines are measured on.
+        classify: turns an attempt's exception into an :class:`~ragguard.Outcome`.
+        deadline: absolute ``clock`` time (seconds) by which the call must end; ``math.inf`` when none.
+        requests: how many requests the call costs against a requests-per-minute bucket (usually 1).
+        tokens: the estimated token cost charged at admission against a tokens-per-minute bucket.
+        attempt: the current attempt number, from 1 (set by :class:`~ragguard.Retry`).
+        used_tokens: tokens the provider says the call really used (from ``usage``), set after a success.
+        rate_headers: the provider's rate-limit view from the last response, set by the provider layer.
+        operation: a label for telemetry and errors (e.g. ``"embeddings"``).
+        extras: free-form per-call data for custom guards.
+    """
+
+    __slots__ = (
+        "attempt",
+        "classify",
+        "clock",
+        "deadline",
+        "extras",
+        "operation",
+        "rate_headers",
+        "requests",
+        "tokens",
+        "used_tokens",
+    )
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        classify: Classifier = classify_exception,
+        deadline: float = math.inf,
+        requests: float = 1.0,
+        tokens: float = 0.0,
+        operation: str = "call",
+    ) -> None:
+        self.clock = clock
+        self.classify = classify
+        self.deadline = deadline
+        self.requests = requests
+        self.tokens = tokens
+        self.operation = operation
+        self.attempt = 1
+        self.used_tokens: float | None = None
+        self.rate_headers: RateLimitHeaders | None = None
+        self.extras: dict[str, Any] | None = None
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (``math.inf`` when there is none; may be negative)."""
+        deadline = self.deadline
+        if deadline == math.inf:
+            return math.inf
+        return deadline - self.clock.now()

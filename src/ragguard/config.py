@@ -1,0 +1,164 @@
+"""Validated configuration: one pydantic model per guard, gathered in :class:`Policy`.
+
+Invalid values raise :class:`pydantic.ValidationError` naming the field (a negative ``rpm``, a ``cap`` below
+``base``, an unknown ``jitter`` kind…). :class:`Policy` is a ``pydantic-settings`` model, so every field can
+also come from ``RAGGUARD_*`` environment variables, sections separated by a double underscore::
+
+    RAGGUARD_RETRY__ATTEMPTS=6
+    RAGGUARD_RATE_LIMIT__RPM=3000
+    RAGGUARD_RATE_LIMIT__TPM=250000
+    RAGGUARD_BREAKER__ENABLED=false
+
+Units: every duration is in seconds, rates are per minute (as providers publish them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "BreakerPolicy",
+    "ConcurrencyPolicy",
+    "JitterKind",
+    "Policy",
+    "RateLimitPolicy",
+    "RetryPolicy",
+    "TimeoutPolicy",
+]
+
+JitterKind = Literal["full", "equal", "decorrelated", "none"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RetryPolicy(_Section):
+    """Retries with jittered exponential backoff that honour the provider's wait hints.
+
+    Backoff follows the AWS Architecture Blog, "Exponential Backoff And Jitter" (Marc Brooker, 2015), with
+    ``t = min(cap, base·2ⁿ)`` for retry ``n`` (from 0): ``full`` sleeps ``uniform(0, t)``, ``equal`` sleeps
+    ``t/2 + uniform(0, t/2)``, ``decorrelated`` sleeps ``min(cap, uniform(base, 3·previous))``, ``none`` sleeps ``t``.
+    """
+
+    enabled: bool = True
+    #: total attempts, the first one included (1 = no retry)
+    attempts: int = Field(default=4, ge=1, le=100)
+    #: backoff base, seconds
+    base: float = Field(default=0.5, gt=0, le=3600)
+    #: backoff cap, seconds (must be >= base)
+    cap: float = Field(default=20.0, gt=0, le=3600)
+    jitter: JitterKind = "full"
+    #: the retries' own total deadline, seconds from the first attempt (``None``: only the call's deadline)
+    deadline: float | None = Field(default=None, gt=0)
+    #: wait as long as the provider says (``retry-after-ms``, ``Retry-After``) instead of the backoff
+    respect_retry_after: bool = True
+    #: a provider hint longer than this (seconds) is not waited for: the call fails fast with the error chained
+    max_retry_after: float = Field(default=60.0, gt=0)
+    #: upward-only jitter added to a provider hint, as a fraction of it (0.1 = up to +10 %)
+    retry_after_jitter: float = Field(default=0.1, ge=0, le=1)
+
+    @field_validator("cap")
+    @classmethod
+    def _cap_not_below_base(cls, cap: float, info: ValidationInfo) -> float:
+        base = info.data.get("base")
+        if base is not None and cap < base:
+            raise ValueError(f"cap ({cap} s) must be >= base ({base} s)")
+        return cap
+
+
+class BreakerPolicy(_Section):
+    """A circuit breaker (closed → open → half-open), after resilience4j's count-based sliding window."""
+
+    enabled: bool = True
+    #: consecutive failures that open the breaker
+    failure_threshold: int = Field(default=5, ge=1)
+    #: failure rate (0-1] over the sliding window that opens the breaker
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    #: size of the sliding count window (calls)
+    window: int = Field(default=20, ge=1, le=100_000)
+    #: calls the window must hold before the failure rate counts
+    min_calls: int = Field(default=10, ge=1)
+    #: how long the breaker stays open before admitting probes, seconds
+    open_duration: float = Field(default=30.0, gt=0)
+    #: probe calls admitted while half-open
+    half_open_probes: int = Field(default=1, ge=1)
+    #: a probe that has not reported after this long (seconds) frees its lease (resilience4j#903)
+    half_open_max_wait: float = Field(default=60.0, gt=0)
+    #: whether a 429 counts as a failure (by default it is flow control, not the provider being down)
+    count_rate_limits: bool = False
+
+    @field_validator("min_calls")
+    @classmethod
+    def _min_calls_fit_window(cls, min_calls: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and min_calls > window:
+            raise ValueError(f"min_calls ({min_calls}) must be <= window ({window})")
+        return min_calls
+
+
+class RateLimitPolicy(_Section):
+    """Requests-per-minute and tokens-per-minute token buckets, as OpenAI publishes its limits.
+
+    Each bucket refills continuously at ``rate/60`` per second and holds at most ``rate/60 · burst_seconds``
+    (providers enforce a per-minute limit over shorter periods: OpenAI's 60,000 RPM is about 1,000 per second).
+    """
+
+    #: requests per minute (``None``: no request limit)
+    rpm: float | None = Field(default=None, gt=0)
+    #: tokens per minute (``None``: no token limit)
+    tpm: float | None = Field(default=None, gt=0)
+    #: bucket capacity, in seconds of refill
+    burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    #: ``model``: one bucket per credential and model (OpenAI's rule); ``credential``: one pool across models
+    scope: Literal["model", "credential"] = "model"
+    #: ``openai``: charge prompt estimate + max_tokens·n at admission, never refund, debit under-estimates;
+    #: ``reconcile``: settle to the provider's ``usage`` both ways
+    accounting: Literal["openai", "reconcile"] = "openai"
+    #: trust the provider's ``x-ratelimit-remaining-*`` headers when they say less is left than we think
+    follow_headers: bool = True
+    #: when the provider says "wait N s" on a 429, pause every caller of the bucket
+    share_retry_after: bool = True
+    #: longest the limiter waits for capacity, seconds (``None``: until the call's deadline)
+    max_wait: float | None = Field(default=None, ge=0)
+
+
+class ConcurrencyPolicy(_Section):
+    """A bulkhead: at most ``max_in_flight`` calls at once, a bounded queue for the rest."""
+
+    enabled: bool = True
+    max_in_flight: int = Field(default=64, ge=1)
+    #: callers allowed to wait for a slot; more are refused with BulkheadFull
+    max_queue: int = Field(default=10_000, ge=0)
+    #: longest wait for a slot, seconds (``None``: until the call's deadline)
+    max_wait: float | None = Field(default=None, ge=0)
+
+
+class TimeoutPolicy(_Section):
+    """Per-attempt timeout and total deadline, seconds (``None`` disables one)."""
+
+    attempt: float | None = Field(default=30.0, gt=0)
+    total: float | None = Field(default=120.0, gt=0)
+
+
+class Policy(BaseSettings):
+    """Everything a guarded client or decorator needs, validated, loadable from ``RAGGUARD_*`` variables.
+
+    Example::
+
+        policy = ragguard.Policy(rate_limit={"rpm": 3_000, "tpm": 250_000}, retry={"attempts": 6})
+        client = ragguard.guard(AsyncOpenAI(), policy)
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGGUARD_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
+    )
+
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    rate_limit: RateLimitPolicy = RateLimitPolicy()
+    concurrency: ConcurrencyPolicy = ConcurrencyPolicy()
+    timeout: TimeoutPolicy = TimeoutPolicy()

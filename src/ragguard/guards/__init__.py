@@ -1,0 +1,1 @@
+"""Domain-free resilience primitives over awaitables, and :class:`Pipeline` to compose them."""

@@ -1,0 +1,128 @@
+"""The :class:`Guard` protocol and :class:`Pipeline`, which composes guards around one call."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from .._clock import SYSTEM_CLOCK, Clock
+from .._context import CallContext
+from .._outcome import Classifier, classify_exception
+
+__all__ = ["STAGES", "Guard", "Pipeline"]
+
+T = TypeVar("T")
+
+#: Where each kind of guard sits in a pipeline, outermost first (design.md, "Order of a guarded call"):
+#: a cache hit costs no quota; identical in-flight requests share one call; batching before limiting lets one
+#: permit cover many inputs; the breaker sees each attempt and the retry sees the breaker's refusal; every
+#: attempt pays for its own permit; a concurrency slot is only held while really calling.
+STAGES: dict[str, int] = {
+    "cache": 10,
+    "coalesce": 20,
+    "batch": 30,
+    "deadline": 40,
+    "breaker": 50,
+    "retry": 60,
+    "rate_limit": 70,
+    "concurrency": 80,
+    "timeout": 90,
+    "custom": 100,
+}
+
+
+@runtime_checkable
+class Guard(Protocol):
+    """One resilience strategy around a call.
+
+    ``run`` must call ``call`` at most once per attempt it allows (a retry calls it several times), must never
+    swallow cancellation, and reports failures by raising.
+    """
+
+    stage: ClassVar[str]
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        """Run ``call`` under this guard; ``ctx`` is the call's own context."""
+        ...
+
+
+class Pipeline:
+    """Guards composed around a call, outermost first, in the canonical order of :data:`STAGES`.
+
+    The guards are sorted by their ``stage`` (a stable sort, so two guards of one stage keep the order given),
+    because the order is what makes them work together: e.g. a retry outside the rate limiter makes every
+    attempt pay for its own permit. Pass ``ordered=False`` to keep exactly the order given.
+
+    Args:
+        *guards: the guards; a pipeline is itself a guard (stage ``custom``) and can be nested.
+        clock: the clock deadlines are measured on; use the same clock for the guards.
+        classify: the classifier the guards use to judge failures (default: the generic one).
+        ordered: sort the guards into the canonical order (default ``True``).
+
+    Example::
+
+        pipeline = Pipeline(Retry(attempts=4), CircuitBreaker("search"), Timeout(5.0))
+        hits = await pipeline.call(search, "query", top_k=5)
+    """
+
+    stage: ClassVar[str] = "custom"
+    __slots__ = ("_guards", "classify", "clock")
+
+    def __init__(
+        self,
+        *guards: Guard,
+        clock: Clock = SYSTEM_CLOCK,
+        classify: Classifier = classify_exception,
+        ordered: bool = True,
+    ) -> None:
+        items = list(guards)
+        if ordered:
+            items.sort(key=lambda g: STAGES.get(getattr(g, "stage", "custom"), STAGES["custom"]))
+        self._guards: tuple[Guard, ...] = tuple(items)
+        self.clock = clock
+        self.classify = classify
+
+    @property
+    def guards(self) -> Sequence[Guard]:
+        """The guards, outermost first."""
+        return self._guards
+
+    def context(self, *, tokens: float = 0.0, requests: float = 1.0, operation: str = "call") -> CallContext:
+        """A fresh :class:`CallContext` for one call through this pipeline."""
+        return CallContext(
+            clock=self.clock, classify=self.classify, tokens=tokens, requests=requests, operation=operation
+        )
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext | None = None) -> T:
+        """Run the zero-argument async ``call`` through every guard.
+
+        Raises:
+            Whatever the guards raise (see :mod:`ragguard.errors`) or the call's own non-retried error.
+        """
+        if ctx is None:
+            ctx = self.context()
+        guards = self._guards
+        if not guards:
+            return await call()
+        return await self._step(0, guards, call, ctx)
+
+    async def _step(
+        self, index: int, guards: tuple[Guard, ...], call: Callable[[], Awaitable[T]], ctx: CallContext
+    ) -> T:
+        if index == len(guards) - 1:
+            return await guards[index].run(call, ctx)
+        nxt = index + 1
+        return await guards[index].run(lambda: self._step(nxt, guards, call, ctx), ctx)
+
+    async def call(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Call ``await fn(*args, **kwargs)`` through the pipeline."""
+        return await self.run(lambda: fn(*args, **kwargs))
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Use the pipeline as a decorator on an async or sync function (see :func:`ragguard.decorators.guarded`)."""
+        from ..decorators import guarded
+
+        return guarded(self, fn)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({', '.join(type(g).__name__ for g in self._guards)})"
