@@ -16,9 +16,27 @@ from __future__ import annotations
 
 from ._clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock, is_testing, set_testing
 from ._context import CallContext
-from ._hints import parse_duration, parse_rate_limit_headers, parse_retry_after, retry_hint_from_headers
+from ._guard import guard
+from ._hints import (
+    RateLimitHeaders,
+    parse_duration,
+    parse_rate_limit_headers,
+    parse_retry_after,
+    retry_hint_from_headers,
+)
 from ._outcome import Classifier, Outcome, classify_exception
-from .config import BreakerPolicy, ConcurrencyPolicy, Policy, RateLimitPolicy, RetryPolicy, TimeoutPolicy
+from ._tokens import TokenEstimator, heuristic_estimator
+from .backends.memory import MemoryBackend, default_backend
+from .config import (
+    BreakerPolicy,
+    ConcurrencyPolicy,
+    JitterKind,
+    Policy,
+    RateLimitPolicy,
+    RetryPolicy,
+    TimeoutPolicy,
+)
+from .decorators import circuit_breaker, concurrency_limit, guarded, rate_limit, retry, timeout
 from .errors import (
     AttemptTimeout,
     BackendUnavailable,
@@ -31,13 +49,72 @@ from .errors import (
     RetryExhausted,
     StreamInterrupted,
 )
-from .guards.pipeline import Guard, Pipeline
-
-# --- guards (each helper uncomments its own line when its module lands) ---
-# from .guards.retry import Retry
-# from .guards.breaker import CircuitBreaker, BreakerState
-# from .guards.bulkhead import ConcurrencyLimit
-# from .guards.timeout import Deadline, Timeout
-# from .guards.limiter import RateLimiter
+from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
+from .guards.bulkhead import ConcurrencyLimit
+from .guards.limiter import RateLimiter
+from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
+from .guards.retry import Retry, RetryEvent, backoff_delays
+from .guards.timeout import Deadline, Timeout
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "STAGES",
+    "SYSTEM_CLOCK",
+    "AttemptTimeout",
+    "BackendUnavailable",
+    "BreakerPolicy",
+    "BreakerSnapshot",
+    "BreakerState",
+    "BulkheadFull",
+    "CallContext",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "Classifier",
+    "Clock",
+    "ConcurrencyLimit",
+    "ConcurrencyPolicy",
+    "ConfigError",
+    "Deadline",
+    "DeadlineExceeded",
+    "Guard",
+    "GuardBase",
+    "JitterKind",
+    "ManualClock",
+    "MemoryBackend",
+    "Outcome",
+    "Pipeline",
+    "Policy",
+    "RagGuardError",
+    "RateLimitHeaders",
+    "RateLimitPolicy",
+    "RateLimitTimeout",
+    "RateLimiter",
+    "Retry",
+    "RetryEvent",
+    "RetryExhausted",
+    "RetryPolicy",
+    "StreamInterrupted",
+    "SystemClock",
+    "Timeout",
+    "TimeoutPolicy",
+    "TokenEstimator",
+    "__version__",
+    "backoff_delays",
+    "circuit_breaker",
+    "classify_exception",
+    "concurrency_limit",
+    "default_backend",
+    "guard",
+    "guarded",
+    "heuristic_estimator",
+    "is_testing",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "parse_retry_after",
+    "rate_limit",
+    "retry",
+    "retry_hint_from_headers",
+    "set_testing",
+    "timeout",
+]

@@ -3,8 +3,8 @@
 Sources:
 - ``Retry-After``: RFC 9110 §10.2.3 — either delay-seconds or an HTTP-date.
 - ``retry-after-ms``: OpenAI / Azure OpenAI, milliseconds (non-standard; the openai SDK prefers it).
-- ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``: OpenAI's rate-limit headers, Go-style durations
-  such as ``6m0s``, ``1s``, ``250ms``, ``1m30.5s`` (https://platform.openai.com/docs/guides/rate-limits).
+- ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``: OpenAI's rate-limit headers, Go-style
+  durations such as ``6m0s``, ``1s``, ``250ms``, ``1m30.5s`` (https://platform.openai.com/docs/guides/rate-limits).
 
 Every parser here is total: it never raises, and never returns a negative, NaN or infinite number of seconds.
 Garbage gives ``None``; a date in the past gives ``0.0``; anything longer than :data:`MAX_HINT_SECONDS` is
@@ -13,6 +13,7 @@ clamped to it (callers compare the hint with their deadline and fail fast when i
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import math
 import re
@@ -31,14 +32,35 @@ __all__ = [
 #: Upper bound on any parsed hint, in seconds (one day): keeps arithmetic finite whatever a server sends.
 MAX_HINT_SECONDS = 86_400.0
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# ASCII digits only: float() alone would also accept "inf", "nan", "1_000" and non-ASCII digits.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Go's time.ParseDuration units; it accepts both micro signs (U+00B5 and U+03BC).
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 def _clamp(seconds: float) -> float | None:
     if math.isnan(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_HINT_SECONDS)
+    if seconds <= 0.0:
+        return 0.0  # also turns -0.0 into 0.0
+    return min(seconds, MAX_HINT_SECONDS)
+
+
+def _number(text: str) -> float | None:
+    """A plain decimal number (optional sign, fraction, exponent), or ``None``."""
+    if _NUMBER.fullmatch(text) is None:
+        return None
+    return float(text)  # cannot fail on what the pattern admits; a huge exponent gives inf, clamped later
 
 
 def parse_duration(value: str | None) -> float | None:
@@ -52,10 +74,12 @@ def parse_duration(value: str | None) -> float | None:
     text = value.strip()
     if not text or len(text) > 64:
         return None
-    try:
-        return _clamp(float(text))
-    except ValueError:
-        pass
+    number = _number(text)
+    if number is not None:
+        return _clamp(number)
+    negative = text[0] == "-"
+    if text[0] in "+-":
+        text = text[1:]
     total = 0.0
     pos = 0
     for match in _DURATION_PART.finditer(text):
@@ -65,7 +89,7 @@ def parse_duration(value: str | None) -> float | None:
         pos = match.end()
     if pos != len(text) or pos == 0:
         return None
-    return _clamp(total)
+    return _clamp(-total if negative else total)
 
 
 def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
@@ -85,20 +109,26 @@ def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time
     text = value.strip()
     if not text or len(text) > 128:
         return None
-    try:
-        return _clamp(float(text))
-    except ValueError:
-        pass
+    number = _number(text)
+    if number is not None:
+        return _clamp(number)
     try:
         parsed = email.utils.parsedate_tz(text)
         if parsed is None:
             return None
-        return _clamp(float(email.utils.mktime_tz(parsed)) - now())
-    except (TypeError, ValueError, OverflowError, OSError):
+        if parsed[0] > 9999:  # beyond what calendar.timegm handles: certainly later than the clamp
+            return MAX_HINT_SECONDS
+        # HTTP-dates are always GMT (RFC 9110 §5.6.7): a missing zone means UTC, never local time
+        # (email.utils.mktime_tz would use local time for it).
+        timestamp = calendar.timegm(parsed[:6]) - (parsed[9] or 0)
+        return _clamp(float(timestamp) - now())
+    except (TypeError, ValueError, OverflowError, OSError, IndexError):
         return None
 
 
-def retry_hint_from_headers(headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time) -> float | None:
+def retry_hint_from_headers(
+    headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time
+) -> float | None:
     """How long the provider asked us to wait before retrying, in seconds, or ``None`` if it did not say.
 
     Looks at, in order: ``retry-after-ms`` (milliseconds), ``Retry-After`` (seconds or HTTP-date). The
@@ -113,12 +143,11 @@ def retry_hint_from_headers(headers: Mapping[str, str] | None, *, now: Callable[
     try:
         ms = headers.get("retry-after-ms")
         if ms is not None:
-            try:
-                hint = _clamp(float(ms) / 1000.0)
-            except ValueError:
-                hint = None
-            if hint is not None:
-                return hint
+            number = _number(ms.strip())
+            if number is not None:
+                hint = _clamp(number / 1000.0)
+                if hint is not None:
+                    return hint
         return parse_retry_after(headers.get("retry-after"), now=now)
     except Exception:  # a foreign headers object misbehaving must not turn into a new failure
         return None
@@ -172,11 +201,8 @@ class RateLimitHeaders:
 def _count(value: str | None) -> float | None:
     if value is None:
         return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    if math.isnan(number) or math.isinf(number) or number < 0:
+    number = _number(value.strip())
+    if number is None or math.isinf(number) or number < 0:
         return None
     return number
 

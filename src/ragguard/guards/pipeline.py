@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -9,21 +10,22 @@ from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._outcome import Classifier, classify_exception
 
-__all__ = ["STAGES", "Guard", "Pipeline"]
+__all__ = ["STAGES", "Guard", "GuardBase", "Pipeline"]
 
 T = TypeVar("T")
 
 #: Where each kind of guard sits in a pipeline, outermost first (design.md, "Order of a guarded call"):
 #: a cache hit costs no quota; identical in-flight requests share one call; batching before limiting lets one
-#: permit cover many inputs; the breaker sees each attempt and the retry sees the breaker's refusal; every
-#: attempt pays for its own permit; a concurrency slot is only held while really calling.
+#: permit cover many inputs; the breaker sits inside the retry so it sees (and counts) each attempt and the
+#: retry sees its refusal and stops early; every attempt pays for its own permit; a concurrency slot is only
+#: held while really calling.
 STAGES: dict[str, int] = {
     "cache": 10,
     "coalesce": 20,
     "batch": 30,
     "deadline": 40,
-    "breaker": 50,
-    "retry": 60,
+    "retry": 50,
+    "breaker": 60,
     "rate_limit": 70,
     "concurrency": 80,
     "timeout": 90,
@@ -44,6 +46,31 @@ class Guard(Protocol):
     async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
         """Run ``call`` under this guard; ``ctx`` is the call's own context."""
         ...
+
+
+class GuardBase(ABC):
+    """Shared conveniences of the built-in guards: use one alone with :meth:`call`, or as a decorator.
+
+    Subclasses set ``stage`` and ``clock`` and implement :meth:`run`.
+    """
+
+    stage: ClassVar[str] = "custom"
+    clock: Clock
+    __slots__ = ()
+
+    @abstractmethod
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        """Run ``call`` under this guard; ``ctx`` is the call's own context."""
+
+    async def call(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Call ``await fn(*args, **kwargs)`` under this guard alone, with a fresh context on its clock."""
+        return await self.run(lambda: fn(*args, **kwargs), CallContext(clock=self.clock))
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorate an async or sync function with this guard (see :func:`ragguard.decorators.guarded`)."""
+        from ..decorators import guarded
+
+        return guarded(self, fn)
 
 
 class Pipeline:

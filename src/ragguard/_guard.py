@@ -1,0 +1,64 @@
+"""``ragguard.guard``: give an existing provider client production behaviour without changing how it is used."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._tokens import TokenEstimator, heuristic_estimator
+from .backends.memory import MemoryBackend
+from .config import Policy
+from .errors import ConfigError
+
+__all__ = ["guard"]
+
+C = TypeVar("C")
+
+
+def guard(
+    client: C,
+    policy: Policy | None = None,
+    *,
+    backend: MemoryBackend | None = None,
+    estimator: TokenEstimator = heuristic_estimator,
+    clock: Clock = SYSTEM_CLOCK,
+) -> C:
+    """Wrap a provider client so its calls go through a ragguard pipeline; use the result exactly as before.
+
+    Recognised clients: ``openai.AsyncOpenAI`` and ``openai.OpenAI`` (2.x and 3.x). The returned proxy has the
+    client's own interface and return types; ``embeddings.create``, ``chat.completions.create`` and
+    ``responses.create`` run through deadline → circuit breaker → retry → rate limit (requests and tokens) →
+    concurrency limit → attempt timeout, and the SDK's own retries are switched off (``max_retries=0``) so
+    attempts never multiply. Everything else passes through untouched.
+
+    Args:
+        client: the SDK client to wrap (it is not modified).
+        policy: the guards' configuration; default ``Policy()``, which also reads ``RAGGUARD_*`` variables.
+        backend: where shared state lives; default: the process-wide :class:`~ragguard.MemoryBackend`, so all
+            guarded clients of one API key share one rate limit per model, as the provider does.
+        estimator: counts a text's tokens for the tokens-per-minute limit (default: offline, ~4 chars/token).
+        clock: time source (tests inject :class:`~ragguard.ManualClock`).
+
+    Returns:
+        A proxy typed as the client's own type.
+
+    Raises:
+        ConfigError: ``client`` is of a kind ragguard does not know.
+    """
+    module = type(client).__module__.split(".", 1)[0]
+    if module == "openai":
+        from .providers.openai import guard_openai, is_openai_client
+
+        if is_openai_client(client):
+            proxy: Any = guard_openai(
+                client,  # type: ignore[arg-type]
+                policy,
+                backend=backend,
+                estimator=estimator,
+                clock=clock,
+            )
+            return proxy  # type: ignore[no-any-return]
+    raise ConfigError(
+        f"ragguard.guard does not know how to wrap {type(client).__module__}.{type(client).__qualname__}; "
+        "supported: openai.OpenAI, openai.AsyncOpenAI (decorate other calls with @ragguard.retry & co.)"
+    )

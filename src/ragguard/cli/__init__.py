@@ -1,0 +1,74 @@
+"""The ``ragguard`` command line: ``ragguard demo`` runs the Monday-morning scenario."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ragguard`` command."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ragguard",
+        description="Production hygiene for RAG code: retries, breakers, rate limits, bulkheads.",
+    )
+    parser.add_argument("--version", action="version", version=f"ragguard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="run the Monday-morning scenario: naive vs sdk-default vs guarded against a simulated provider",
+        description=(
+            "Start an OpenAI-compatible simulator on loopback and let N users at once embed a question and ask a "
+            "chat completion through the real openai SDK, three ways: naive (a new client per request, no "
+            "retries), sdk-default (one shared client with the SDK's own retries) and guarded "
+            "(ragguard.guard(AsyncOpenAI()) with a policy matched to the quota)."
+        ),
+    )
+    demo.add_argument("--users", type=int, default=1000, help="concurrent users (default: 1000)")
+    demo.add_argument(
+        "--rpm", type=float, default=10_000, help="provider quota, requests per minute per model"
+    )
+    demo.add_argument(
+        "--tpm", type=float, default=4_000_000, help="provider quota, tokens per minute per model"
+    )
+    demo.add_argument(
+        "--faults",
+        choices=["none", "flaky"],
+        default="none",
+        help="provider faults: none or flaky (5xx, drops, stalls)",
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed for the simulator and the scenario")
+    demo.add_argument(
+        "--modes",
+        default="naive,sdk-default,guarded",
+        help="comma-separated modes to run (default: all three)",
+    )
+    demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    demo.add_argument("--no-progress", action="store_true", help="no live progress bars (plain output)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ragguard`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import DemoOptions, run_demo_cli
+
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        options = DemoOptions(
+            users=args.users,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            faults=args.faults,
+            seed=args.seed,
+            modes=modes,
+        )
+        return run_demo_cli(options, json_path=args.json, progress=not args.no_progress)
+    parser.print_help(sys.stderr)
+    return 2

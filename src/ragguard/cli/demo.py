@@ -1,0 +1,402 @@
+"""``ragguard demo``: the Monday-morning scenario, naive vs sdk-default vs guarded, on real HTTP.
+
+A RAG app that worked on Friday meets N users at once. Each user embeds a question and asks a chat completion
+with retrieved context, through the real ``openai`` SDK, against :class:`ragguard.testing.OpenAISimulator`
+served on loopback in a child process (so the load and the provider use different cores), enforcing an
+OpenAI-style quota (requests and tokens per minute, per model, with a one-second burst).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import anyio
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .._tokens import estimate_chat_tokens, estimate_text_tokens
+from ..backends.memory import MemoryBackend
+from ..config import BreakerPolicy, ConcurrencyPolicy, Policy, RateLimitPolicy, RetryPolicy, TimeoutPolicy
+
+__all__ = ["MODES", "DemoOptions", "DemoReport", "ModeResult", "run_demo", "run_demo_cli"]
+
+MODES = ("naive", "sdk-default", "guarded")
+EMBED_MODEL = "text-embedding-3-small"
+CHAT_MODEL = "gpt-4o-mini"
+MAX_TOKENS = 64
+API_KEY = "sk-ragguard-demo-not-a-real-key"
+
+_QUESTIONS = (
+    "How do I reset my password if I no longer have access to my email?",
+    "What is the refund policy for annual plans cancelled in the first month?",
+    "Can I export my project history to CSV and keep the attachments?",
+    "Why does the dashboard show yesterday's numbers until noon?",
+    "How many seats does the team plan include and can I add more later?",
+)
+_CONTEXT = (
+    "Passwords can be reset from the sign-in page; without email access, contact support with a recent invoice. "
+    "Annual plans cancelled within 30 days are refunded in full; later cancellations are prorated monthly. "
+    "Exports include history as CSV and attachments as a ZIP archive linked from the export email. "
+    "Dashboards aggregate overnight and refresh at 12:00 UTC; live counters are on the activity tab. "
+    "The team plan includes ten seats; more seats can be added at any time from the billing page."
+)
+_SYSTEM = "You are a helpful support assistant. Answer only from the context. Be brief."
+
+
+class DemoOptions(BaseModel):
+    """The scenario's knobs (validated)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    users: int = Field(default=1000, ge=1, le=100_000)
+    #: provider quota per model, requests per minute
+    rpm: float = Field(default=10_000, gt=0)
+    #: provider quota per model, tokens per minute
+    tpm: float = Field(default=4_000_000, gt=0)
+    faults: Literal["none", "flaky"] = "none"
+    seed: int = 7
+    modes: tuple[str, ...] = MODES
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in modes if m not in MODES]
+        if unknown or not modes:
+            raise ValueError(
+                f"modes must be a non-empty subset of {', '.join(MODES)}; got {', '.join(unknown)}"
+            )
+        return modes
+
+
+class ModeResult(BaseModel):
+    """The figures of one mode (the JSON keys of ``--json``; later versions add keys, never rename these)."""
+
+    mode: str
+    users: int
+    succeeded: int
+    failed: int
+    upstream_requests: int
+    upstream_429: int
+    tokens: int
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    wall_s: float
+    theoretical_min_s: float
+    goodput: float = Field(description="served users per second / the users per second the quota allows")
+    errors: dict[str, int] = Field(default_factory=dict, description="failed users by error type")
+
+
+class DemoReport(BaseModel):
+    """Everything ``ragguard demo`` measured."""
+
+    rpm: float
+    tpm: float
+    faults: str
+    seed: int
+    modes: list[ModeResult]
+
+
+def _question(user: int) -> str:
+    return f"{_QUESTIONS[user % len(_QUESTIONS)]} (ticket {user})"
+
+
+def _messages(question: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": f"Context:\n{_CONTEXT}\n\nQuestion: {question}"},
+    ]
+
+
+def guarded_policy(options: DemoOptions) -> Policy:
+    """The guarded mode's policy: the provider's published quota, and timeouts that suit the scenario."""
+    flaky = options.faults == "flaky"
+    return Policy(
+        rate_limit=RateLimitPolicy(rpm=options.rpm, tpm=options.tpm),
+        retry=RetryPolicy(attempts=8, base=0.2, cap=5.0),
+        timeout=TimeoutPolicy(attempt=2.0 if flaky else 30.0, total=110.0),
+        concurrency=ConcurrencyPolicy(max_in_flight=256),
+        breaker=BreakerPolicy(
+            failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0
+        ),
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+def _user_costs(users: int) -> tuple[float, float]:
+    """Tokens all users need at the provider: embeddings bucket, chat bucket (charged as OpenAI does)."""
+    embed = sum(estimate_text_tokens(_question(u)) for u in range(users))
+    chat = sum(estimate_chat_tokens(_messages(_question(u))) + MAX_TOKENS for u in range(users))
+    return float(embed), float(chat)
+
+
+def theoretical_min_s(
+    requests: dict[str, float], tokens: dict[str, float], rpm: float, tpm: float, burst_s: float
+) -> float:
+    """The least wall time (s) the quota allows for these per-model request and token counts.
+
+    Each model has its own buckets refilling at ``rpm/60`` and ``tpm/60`` per second and starting full
+    (``burst_s`` seconds of refill), so a model needing ``R`` requests and ``T`` tokens needs at least
+    ``max((R - burst_R)/(rpm/60), (T - burst_T)/(tpm/60))`` seconds; the scenario needs the slowest model's.
+    """
+    need = 0.0
+    for model in set(requests) | set(tokens):
+        r = requests.get(model, 0.0)
+        t = tokens.get(model, 0.0)
+        need = max(need, (r - rpm / 60 * burst_s) / (rpm / 60), (t - tpm / 60 * burst_s) / (tpm / 60))
+    return max(0.0, need)
+
+
+async def _one_user(
+    user: int, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]
+) -> None:
+    question = _question(user)
+    await embed(model=EMBED_MODEL, input=question)
+    await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS)
+
+
+async def _run_mode(
+    mode: str, base_url: str, options: DemoOptions, on_done: Callable[[bool], None]
+) -> tuple[list[float], dict[str, int], float]:
+    from openai import AsyncOpenAI
+
+    from .._guard import guard
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    shared: Any = None
+    if mode == "sdk-default":
+        shared = AsyncOpenAI(base_url=base_url, api_key=API_KEY)
+    elif mode == "guarded":
+        shared = guard(
+            AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=MemoryBackend()
+        )
+
+    async def naive_embed(**kwargs: Any) -> Any:
+        async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
+            return await client.embeddings.create(**kwargs)
+
+    async def naive_chat(**kwargs: Any) -> Any:
+        async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
+            return await client.chat.completions.create(**kwargs)
+
+    if shared is None:
+        embed, chat = naive_embed, naive_chat
+    else:
+        embed, chat = shared.embeddings.create, shared.chat.completions.create
+
+    started = time.perf_counter()
+
+    async def user_task(user: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            await _one_user(user, embed, chat)
+        except Exception as exc:
+            name = type(exc).__name__
+            errors[name] = errors.get(name, 0) + 1
+            on_done(False)
+            return
+        latencies.append(time.perf_counter() - t0)
+        on_done(True)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for user in range(options.users):
+                tg.start_soon(user_task, user)
+    finally:
+        if shared is not None:
+            await shared.close()
+    return latencies, errors, time.perf_counter() - started
+
+
+def _simulator_config(options: DemoOptions) -> Any:
+    from ..testing import SimulatorConfig
+
+    if options.faults == "flaky":
+        return SimulatorConfig.flaky(rpm=options.rpm, tpm=options.tpm, seed=options.seed)
+    return SimulatorConfig(rpm=options.rpm, tpm=options.tpm, seed=options.seed)
+
+
+def _figures(stats: dict[str, Any]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
+    """Upstream requests, 429s, tokens admitted, and per-model successful requests and tokens."""
+    upstream = int(stats["requests_total"])
+    by_status = stats.get("responses_by_status", {})
+    too_many = int(by_status.get("429", by_status.get(429, 0)))
+    tokens = int(stats["tokens_admitted"])
+    per_model_ok: dict[str, float] = {
+        model: float(v) for model, v in stats.get("requests_ok_by_model", {}).items()
+    }
+    per_model_tokens: dict[str, float] = {
+        model: float(v) for model, v in stats.get("tokens_admitted_by_model", {}).items()
+    }
+    return upstream, too_many, tokens, per_model_ok, per_model_tokens
+
+
+async def run_demo(
+    options: DemoOptions,
+    *,
+    on_start: Callable[[str], None] | None = None,
+    on_user: Callable[[str, bool], None] | None = None,
+) -> DemoReport:
+    """Run the scenario for each mode in turn (the simulator's quota reset in between) and measure it.
+
+    Args:
+        options: the scenario.
+        on_start: called with a mode's name when it starts.
+        on_user: called with the mode and whether a user was served, as each user finishes.
+    """
+    from ..testing import serve
+
+    config = _simulator_config(options)
+    burst_s = float(getattr(config, "burst_seconds", 1.0))
+    embed_need, chat_need = _user_costs(options.users)
+    # the quota's users per second: each user needs one request and some tokens in each model's buckets
+    quota_users_per_s = min(
+        options.rpm / 60,
+        options.tpm / 60 / max(1.0, embed_need / options.users),
+        options.tpm / 60 / max(1.0, chat_need / options.users),
+    )
+    results: list[ModeResult] = []
+    with serve(config, mode="process") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as control:
+            for mode in options.modes:
+                (await control.post("/_sim/reset")).raise_for_status()
+                if on_start is not None:
+                    on_start(mode)
+
+                def done(ok: bool, mode: str = mode) -> None:
+                    if on_user is not None:
+                        on_user(mode, ok)
+
+                latencies, errors, wall = await _run_mode(mode, server.base_url, options, done)
+                stats = (await control.get("/_sim/stats")).json()
+                upstream, too_many, tokens, ok_by_model, tokens_by_model = _figures(stats)
+                succeeded = len(latencies)
+                results.append(
+                    ModeResult(
+                        mode=mode,
+                        users=options.users,
+                        succeeded=succeeded,
+                        failed=options.users - succeeded,
+                        upstream_requests=upstream,
+                        upstream_429=too_many,
+                        tokens=tokens,
+                        p50_s=round(_percentile(latencies, 0.50), 4),
+                        p95_s=round(_percentile(latencies, 0.95), 4),
+                        p99_s=round(_percentile(latencies, 0.99), 4),
+                        wall_s=round(wall, 4),
+                        theoretical_min_s=round(
+                            theoretical_min_s(
+                                ok_by_model, tokens_by_model, options.rpm, options.tpm, burst_s
+                            ),
+                            4,
+                        ),
+                        goodput=round((succeeded / wall) / quota_users_per_s if wall > 0 else 0.0, 4),
+                        errors=errors,
+                    )
+                )
+    return DemoReport(
+        rpm=options.rpm, tpm=options.tpm, faults=options.faults, seed=options.seed, modes=results
+    )
+
+
+def render_table(report: DemoReport) -> Any:
+    """The results as a ``rich`` table."""
+    from rich.table import Table
+
+    table = Table(
+        title=(
+            f"Monday morning: {report.modes[0].users if report.modes else 0} users, quota {report.rpm:,.0f} RPM / "
+            f"{report.tpm:,.0f} TPM per model, faults: {report.faults}"
+        )
+    )
+    for header in (
+        "mode",
+        "succeeded",
+        "failed",
+        "upstream req",
+        "upstream 429",
+        "tokens billed",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "wall s",
+        "min s",
+        "goodput",
+    ):
+        table.add_column(header, justify="left" if header == "mode" else "right")
+    for m in report.modes:
+        share = m.succeeded / m.users if m.users else 0.0
+        table.add_row(
+            m.mode,
+            f"{m.succeeded} ({share:.0%})",
+            str(m.failed),
+            str(m.upstream_requests),
+            f"{m.upstream_429} ({m.upstream_429 / max(1, m.upstream_requests):.0%})",
+            f"{m.tokens:,}",
+            f"{m.p50_s:.2f}",
+            f"{m.p95_s:.2f}",
+            f"{m.p99_s:.2f}",
+            f"{m.wall_s:.2f}",
+            f"{m.theoretical_min_s:.2f}",
+            f"{m.goodput:.0%}",
+        )
+    return table
+
+
+def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress: bool = True) -> int:
+    """Run the demo with live progress bars and print the table; write JSON when asked. Returns 0."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    bars = Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("served {task.fields[ok]} · failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
+    tasks = {
+        mode: bars.add_task(mode, total=options.users, ok=0, failed=0, start=False) for mode in options.modes
+    }
+    counts = {mode: [0, 0] for mode in options.modes}
+
+    def on_start(mode: str) -> None:
+        bars.start_task(tasks[mode])
+
+    def on_user(mode: str, ok: bool) -> None:
+        counts[mode][0 if ok else 1] += 1
+        bars.update(tasks[mode], advance=1, ok=counts[mode][0], failed=counts[mode][1])
+
+    console.print(
+        f"[bold]ragguard demo[/bold]: {options.users} users at once, quota {options.rpm:,.0f} RPM / "
+        f"{options.tpm:,.0f} TPM per model, faults: {options.faults}"
+    )
+    with bars:
+        report = anyio.run(lambda: run_demo(options, on_start=on_start, on_user=on_user))
+    console.print(render_table(report))
+    for m in report.modes:
+        if m.errors:
+            console.print(
+                f"  {m.mode} failures: " + ", ".join(f"{k} × {v}" for k, v in sorted(m.errors.items()))
+            )
+    if json_path:
+        payload = report.model_dump()
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+        console.print(f"figures written to {json_path}")
+    return 0

@@ -1,0 +1,526 @@
+"""The local (in-process) rate limiter: a requests-per-minute and a tokens-per-minute bucket that *wait*.
+
+Model
+-----
+Each bucket is a token bucket that refills continuously at ``rate/60`` per second up to a capacity of
+``rate/60 · burst_seconds`` (OpenAI's published limits are per minute but enforced over shorter periods).
+A call costs ``requests`` against the requests bucket and ``tokens`` against the tokens bucket.
+
+The buckets are kept as a *reservation schedule*, the virtual-scheduling form of the Generic Cell Rate
+Algorithm (ITU-T I.371's GCRA; the same idea as Go's ``golang.org/x/time/rate`` ``Reserve``): per bucket one
+float, the *theoretical arrival time* ``tat`` at which the bucket would be full again. Acquiring computes,
+in O(1) under a short lock, the earliest time ``at`` at which every bucket holds the call's cost, charges the
+cost at ``at`` (so the level may go negative: debt promised to earlier callers) and tells the caller to sleep
+until ``at``. There is no waiter queue and no event-loop-bound object (aiolimiter#292); calls are admitted in
+the order they reserved (FIFO by construction), and over any window of ``t`` seconds a bucket admits at most
+``capacity + rate·t`` (plus, see below, one oversize cost).
+
+- A cost larger than a bucket's capacity is admitted when the bucket is full, taking the level into debt,
+  rather than never: a 30,000-token request under a 20,000-token burst waits for a full bucket, goes, and
+  later callers wait for the debt to clear. The window bound becomes ``max(capacity, largest cost) + rate·t``.
+- A call whose wait would exceed ``min(max_wait, time left before its deadline)`` is refused at once with
+  :class:`~ragguard.RateLimitTimeout`, consuming nothing (limits#221: we wait, but never pointlessly). A call
+  that needs no wait is never refused.
+- A caller cancelled while waiting gives its reservation back (the level is capped at capacity), so
+  cancellation never leaks capacity.
+
+Accounting (after a successful call; ``ctx.used_tokens`` comes from the provider's ``usage``)
+---------------------------------------------------------------------------------------------
+- ``openai``: OpenAI counts the prompt estimate plus ``max_tokens × n`` at admission and never refunds unused
+  tokens (https://platform.openai.com/docs/guides/rate-limits), so the limiter only debits the difference when
+  the real usage exceeds what it charged.
+- ``reconcile``: the tokens bucket is settled to the real usage both ways (debit or refund).
+- Failed calls keep their charge: providers count failed requests too.
+
+Provider feedback
+-----------------
+- ``follow_headers``: after a call (success or failure), when the provider's ``x-ratelimit-remaining-*`` says
+  fewer requests or tokens are left than the limiter's level, the level is lowered to match. It is never
+  raised: the provider is the ground truth when it says less is left.
+- ``share_retry_after``: when an attempt fails rate-limited (``ctx.classify(exc).rate_limited``), the whole
+  limiter pauses for the provider's hint (``retry-after-ms`` / ``Retry-After``; without one, the time one
+  request takes to refill). Every caller of the limiter holds off, not only the one that got the 429
+  (hermes-agent#109234). The exception still propagates; the retry guard decides whether to retry.
+
+Shared-pause guarantee: after a pause that ends at ``P`` no call is admitted before ``P``; the buckets restart
+empty at ``P`` (a 429 says the provider's bucket is empty); reservations already waiting are pushed back as a
+block, keeping their order and their spacing by the refill rate; callers that would otherwise all be released
+exactly at ``P`` are spread by an upward-only jitter of ``uniform(0, min(0.1·pause, 3 request intervals))`` so
+they do not re-trip the limit together. A limiter with neither ``rpm`` nor ``tpm`` still honours pauses.
+
+Thread-safety: every state change happens under a :class:`threading.Lock` held only for a few float
+operations, never across an ``await``, so callers on other threads (and other event loops) may share one
+limiter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Literal, TypeVar
+
+from .._clock import SYSTEM_CLOCK, Clock
+from .._context import CallContext
+from .._hints import MAX_HINT_SECONDS, RateLimitHeaders
+from ..config import RateLimitPolicy
+from ..errors import RateLimitTimeout
+from .pipeline import GuardBase
+
+__all__ = ["RateLimiter"]
+
+T = TypeVar("T")
+
+#: pause after a rate-limited failure without a wait hint, seconds, when there is neither ``rpm`` nor ``tpm``
+DEFAULT_PAUSE = 1.0
+#: release jitter after a shared pause: at most this fraction of the pause ...
+PAUSE_JITTER_FRACTION = 0.1
+#: ... and at most this many request intervals (``60/rpm`` seconds each) when there is a request limit
+PAUSE_JITTER_INTERVALS = 3.0
+
+
+class RateLimiter(GuardBase):
+    """Requests-per-minute and tokens-per-minute limits that make callers wait their turn (see module doc).
+
+    Args:
+        rpm: requests per minute (``None``: no request limit).
+        tpm: tokens per minute (``None``: no token limit).
+        burst_seconds: bucket capacity in seconds of refill (capacity = ``rate/60 · burst_seconds``).
+        scope: which callers share one limiter (``model`` or ``credential``); decided by the provider layer,
+            stored here for it.
+        accounting: ``openai`` (debit under-estimates only) or ``reconcile`` (settle to ``usage`` both ways).
+        follow_headers: lower the levels to the provider's ``x-ratelimit-remaining-*`` when they are lower.
+        share_retry_after: pause every caller when an attempt is rate-limited.
+        max_wait: longest wait for capacity, seconds (``None``: until the call's deadline).
+        clock: the clock the schedule runs on (waits use ``clock.sleep``).
+        name: a label for errors and health reports.
+        rng: the random source of the release jitter (seed one for reproducible tests).
+
+    Raises:
+        pydantic.ValidationError: an invalid setting, naming the field (``rpm=-1``, ``burst_seconds=0``…).
+
+    Example::
+
+        limiter = RateLimiter(rpm=3_000, tpm=250_000)
+        ctx = CallContext(tokens=1_200)
+        reply = await limiter.run(lambda: client.chat.completions.create(...), ctx)
+    """
+
+    stage: ClassVar[str] = "rate_limit"
+    __slots__ = (
+        "_burst",
+        "_follow_headers",
+        "_jitter_cap",
+        "_lock",
+        "_max_wait",
+        "_paused_until",
+        "_reconcile",
+        "_req_inv",
+        "_req_tat",
+        "_rng",
+        "_share_retry_after",
+        "_shift",
+        "_tok_inv",
+        "_tok_tat",
+        "clock",
+        "name",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        burst_seconds: float = 1.0,
+        scope: Literal["model", "credential"] = "model",
+        accounting: Literal["openai", "reconcile"] = "openai",
+        follow_headers: bool = True,
+        share_retry_after: bool = True,
+        max_wait: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        name: str = "default",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = RateLimitPolicy(
+            rpm=rpm,
+            tpm=tpm,
+            burst_seconds=burst_seconds,
+            scope=scope,
+            accounting=accounting,
+            follow_headers=follow_headers,
+            share_retry_after=share_retry_after,
+            max_wait=max_wait,
+        )
+        policy = self.policy
+        self.clock = clock
+        self.name = name
+        self._rng = rng if rng is not None else random.Random()
+        self._lock = threading.Lock()
+        self._burst = float(policy.burst_seconds)
+        # Seconds of refill one unit costs (0.0: no limit). Every bucket quantity below is kept in seconds of
+        # refill, so capacity is ``burst`` for both buckets and the arithmetic is the same.
+        self._req_inv = 60.0 / policy.rpm if policy.rpm is not None else 0.0
+        self._tok_inv = 60.0 / policy.tpm if policy.tpm is not None else 0.0
+        # theoretical arrival times: when each bucket would be full again (-inf: full since forever)
+        self._req_tat = -math.inf
+        self._tok_tat = -math.inf
+        self._max_wait = policy.max_wait if policy.max_wait is not None else math.inf
+        self._paused_until = -math.inf
+        # total seconds shared pauses have pushed the schedule back; a waiting caller compares it with the
+        # value it saw when it reserved to learn how far its own reservation moved
+        self._shift = 0.0
+        self._jitter_cap = 0.0
+        self._reconcile = policy.accounting == "reconcile"
+        self._follow_headers = policy.follow_headers
+        self._share_retry_after = policy.share_retry_after
+
+    @classmethod
+    def from_policy(cls, section: RateLimitPolicy, **extras: Any) -> RateLimiter:
+        """Build a limiter from a :class:`~ragguard.RateLimitPolicy` plus ``clock``, ``name``, ``rng``."""
+        return cls(**section.model_dump(), **extras)
+
+    # --- read-only views -------------------------------------------------------------------------------
+
+    @property
+    def rpm(self) -> float | None:
+        """Requests per minute (``None``: no request limit)."""
+        return self.policy.rpm
+
+    @property
+    def tpm(self) -> float | None:
+        """Tokens per minute (``None``: no token limit)."""
+        return self.policy.tpm
+
+    @property
+    def scope(self) -> Literal["model", "credential"]:
+        """Which callers the provider layer makes share this limiter."""
+        return self.policy.scope
+
+    @property
+    def capacity_requests(self) -> float:
+        """Requests the requests bucket holds when full (``math.inf`` without a request limit)."""
+        return self._burst / self._req_inv if self._req_inv else math.inf
+
+    @property
+    def capacity_tokens(self) -> float:
+        """Tokens the tokens bucket holds when full (``math.inf`` without a token limit)."""
+        return self._burst / self._tok_inv if self._tok_inv else math.inf
+
+    @property
+    def available_requests(self) -> float:
+        """Requests the bucket holds now; negative while earlier callers' reservations are in debt or during a
+        pause (``math.inf`` without a request limit)."""
+        return self._level(self._req_inv, is_tokens=False)
+
+    @property
+    def available_tokens(self) -> float:
+        """Tokens the bucket holds now; negative while in debt or paused (``math.inf`` without a token
+        limit)."""
+        return self._level(self._tok_inv, is_tokens=True)
+
+    @property
+    def paused_until(self) -> float:
+        """The ``clock`` time until which a shared pause holds every caller (``-inf`` if there never was one;
+        a time in the past means not paused)."""
+        return self._paused_until
+
+    def _level(self, inv: float, *, is_tokens: bool) -> float:
+        if not inv:
+            return math.inf
+        with self._lock:
+            behind = (self._tok_tat if is_tokens else self._req_tat) - self.clock.now()
+        if behind <= 0.0:
+            return self._burst / inv
+        return (self._burst - behind) / inv
+
+    # --- the mechanism ---------------------------------------------------------------------------------
+
+    def reserve(self, requests: float = 1.0, tokens: float = 0.0, *, max_wait: float = math.inf) -> float:
+        """Reserve capacity now and return how many seconds the caller must wait before calling (``0.0``: go).
+
+        Low level and synchronous (no waiting happens here): the caller must wait the returned time itself, or
+        give the reservation back with :meth:`refund`. Unlike :meth:`acquire` it does not follow shared pauses
+        that start after it returns.
+
+        Args:
+            requests: the cost against the requests bucket (``>= 0``).
+            tokens: the cost against the tokens bucket (``>= 0``).
+            max_wait: longest acceptable wait, seconds (also capped by the limiter's own ``max_wait``).
+
+        Raises:
+            RateLimitTimeout: the wait would exceed ``max_wait``; nothing was reserved.
+            ValueError: a negative or NaN cost.
+        """
+        budget = self._max_wait if self._max_wait < max_wait else max_wait
+        return self._reserve(requests, tokens, budget)
+
+    async def acquire(
+        self, requests: float = 1.0, tokens: float = 0.0, *, deadline: float = math.inf
+    ) -> float:
+        """Wait until a call costing ``requests`` and ``tokens`` may go; return the seconds waited.
+
+        A call that can go at once returns ``0.0`` without yielding to the scheduler.
+
+        Args:
+            requests: the cost against the requests bucket (``>= 0``).
+            tokens: the cost against the tokens bucket (``>= 0``).
+            deadline: absolute time on this limiter's ``clock`` by which the wait must end.
+
+        Raises:
+            RateLimitTimeout: the wait would exceed ``min(max_wait, deadline - now)``, raised at once (or as
+                soon as a shared pause makes it so); the reservation is given back.
+            ValueError: a negative or NaN cost.
+        """
+        budget = self._max_wait
+        if deadline != math.inf:
+            left = deadline - self.clock.now()
+            if left < budget:
+                budget = left
+        wait = self._reserve(requests, tokens, budget)
+        if wait > 0.0:
+            return await self._wait(wait, requests, tokens, budget)
+        return 0.0
+
+    def _reserve(self, requests: float, tokens: float, budget: float) -> float:
+        if not (requests >= 0.0 and tokens >= 0.0):
+            raise ValueError(f"rate limiter costs must be >= 0, got requests={requests!r}, tokens={tokens!r}")
+        burst = self._burst
+        req_cost = requests * self._req_inv  # in seconds of refill
+        tok_cost = tokens * self._tok_inv
+        with self._lock:
+            now = self.clock.now()
+            req_tat = self._req_tat
+            tok_tat = self._tok_tat
+            # A bucket holds a cost c (capped at capacity, so oversize costs go when it is full) from
+            # tat - burst + min(c, burst) on; the call goes when every bucket does.
+            at = now
+            ready = req_tat - burst + (req_cost if req_cost < burst else burst)
+            if ready > at:
+                at = ready
+            ready = tok_tat - burst + (tok_cost if tok_cost < burst else burst)
+            if ready > at:
+                at = ready
+            if self._paused_until > at:
+                # Only the pause holds this call: spread the release (hermes-agent#109234).
+                at = self._paused_until + self._rng.uniform(0.0, self._jitter_cap)
+            wait = at - now
+            if wait <= budget or wait <= 0.0:
+                # Charge at the admission time: a bucket that would refill past full before then loses the
+                # excess, which keeps the window bound when the other bucket is the one that delays the call.
+                self._req_tat = (req_tat if req_tat > at else at) + req_cost
+                self._tok_tat = (tok_tat if tok_tat > at else at) + tok_cost
+                return wait
+        raise RateLimitTimeout(
+            f"rate limiter {self.name!r} needs {wait:.3f} s before admitting the call; "
+            f"the wait may last only {budget:.3f} s",
+            wait=wait,
+            remaining=budget,
+        )
+
+    async def _wait(self, wait: float, requests: float, tokens: float, budget: float) -> float:
+        """Sleep until the reservation's time, following shared pauses that start meanwhile."""
+        clock = self.clock
+        # Read right after reserving: in one thread nothing runs in between. (If another thread's pause
+        # slipped in, this caller misses the block shift but is still held by paused_until, with jitter.)
+        shift0 = self._shift
+        start = clock.now()
+        reserved_at = start + wait
+        limit_at = start + budget
+        base = reserved_at  # where the schedule puts us, without release jitter
+        target = reserved_at
+        late = -1.0
+        try:
+            while True:
+                await clock.sleep(target - clock.now())
+                with self._lock:
+                    moved = reserved_at + (self._shift - shift0)
+                    floor = self._paused_until
+                    jitter_cap = self._jitter_cap
+                candidate = moved if moved >= floor else floor
+                if candidate <= base:
+                    break  # no pause moved us while we slept
+                base = candidate
+                target = candidate + (self._rng.uniform(0.0, jitter_cap) if floor > moved else 0.0)
+                if target > limit_at:
+                    late = target - clock.now()
+                    break
+        except BaseException:
+            self._refund(requests * self._req_inv, tokens * self._tok_inv)
+            raise
+        now = clock.now()
+        if late >= 0.0:
+            self._refund(requests * self._req_inv, tokens * self._tok_inv)
+            raise RateLimitTimeout(
+                f"rate limiter {self.name!r} was paused by the provider: {late:.3f} s more to wait, "
+                f"the wait may last only {limit_at - now:.3f} s more",
+                wait=late,
+                remaining=limit_at - now,
+            )
+        return now - start
+
+    def refund(self, requests: float = 0.0, tokens: float = 0.0) -> None:
+        """Give back capacity (a reservation never used, or tokens charged but not spent).
+
+        The level never rises above capacity, nor above empty while a shared pause lasts.
+        """
+        if not (requests >= 0.0 and tokens >= 0.0):
+            raise ValueError(f"refunds must be >= 0, got requests={requests!r}, tokens={tokens!r}")
+        self._refund(requests * self._req_inv, tokens * self._tok_inv)
+
+    def _refund(self, req_cost: float, tok_cost: float) -> None:
+        with self._lock:
+            now = self.clock.now()
+            paused_until = self._paused_until
+            floor = paused_until + self._burst if paused_until > now else now
+            if req_cost:
+                tat = self._req_tat - req_cost
+                self._req_tat = tat if tat > floor else floor
+            if tok_cost:
+                tat = self._tok_tat - tok_cost
+                self._tok_tat = tat if tat > floor else floor
+
+    def debit(self, tokens: float, requests: float = 0.0) -> None:
+        """Charge extra cost now, without waiting (e.g. tokens the provider counted beyond the estimate).
+
+        The level may go negative; later callers wait for the debt to clear.
+        """
+        if not (requests >= 0.0 and tokens >= 0.0):
+            raise ValueError(f"debits must be >= 0, got requests={requests!r}, tokens={tokens!r}")
+        req_cost = requests * self._req_inv
+        tok_cost = tokens * self._tok_inv
+        with self._lock:
+            now = self.clock.now()
+            if req_cost:
+                tat = self._req_tat
+                self._req_tat = (tat if tat > now else now) + req_cost
+            if tok_cost:
+                tat = self._tok_tat
+                self._tok_tat = (tat if tat > now else now) + tok_cost
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller of this limiter for ``seconds`` (a provider's Retry-After), see the module doc.
+
+        The buckets restart empty when the pause ends, reservations already waiting move back as a block,
+        and callers released exactly at the end get upward-only jitter. A shorter pause inside a longer one
+        changes nothing.
+
+        Raises:
+            ValueError: ``seconds`` negative, NaN or infinite.
+        """
+        if not (0.0 <= seconds < math.inf):
+            raise ValueError(f"pause must be finite and >= 0 seconds, got {seconds!r}")
+        self._pause(seconds)
+
+    def _pause(self, seconds: float) -> None:
+        burst = self._burst
+        with self._lock:
+            now = self.clock.now()
+            until = now + seconds
+            paused_until = self._paused_until
+            resume = paused_until if paused_until > now else now
+            shift = until - resume if until > resume else 0.0
+            if shift:
+                self._shift += shift
+                self._paused_until = until
+                cap = PAUSE_JITTER_FRACTION * seconds
+                if self._req_inv and PAUSE_JITTER_INTERVALS * self._req_inv < cap:
+                    cap = PAUSE_JITTER_INTERVALS * self._req_inv
+                self._jitter_cap = cap
+            # Empty at `until`, and whatever was already waiting moves back by the same amount, in order.
+            horizon = until + burst
+            if self._req_inv:
+                tat = self._req_tat + shift
+                self._req_tat = tat if tat > horizon else horizon
+            if self._tok_inv:
+                tat = self._tok_tat + shift
+                self._tok_tat = tat if tat > horizon else horizon
+
+    def observe(self, headers: RateLimitHeaders) -> None:
+        """Lower the levels to the provider's ``remaining_requests`` / ``remaining_tokens`` when those are
+        lower (never raise them: the provider is the ground truth when it says less is left)."""
+        remaining_requests = headers.remaining_requests
+        remaining_tokens = headers.remaining_tokens
+        burst = self._burst
+        with self._lock:
+            now = self.clock.now()
+            if remaining_requests is not None and self._req_inv:
+                # level L <=> tat = now + burst - L·inv
+                tat = now + burst - remaining_requests * self._req_inv
+                if tat > self._req_tat:
+                    self._req_tat = tat
+            if remaining_tokens is not None and self._tok_inv:
+                tat = now + burst - remaining_tokens * self._tok_inv
+                if tat > self._tok_tat:
+                    self._tok_tat = tat
+
+    # --- the guard -------------------------------------------------------------------------------------
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        """Wait for ``ctx.requests`` and ``ctx.tokens`` of capacity, run ``call``, then settle the account.
+
+        Raises:
+            RateLimitTimeout: the wait would exceed ``min(max_wait, ctx.remaining())``.
+            Whatever ``call`` raises (after noting a shared pause if it was rate-limited).
+        """
+        requests = ctx.requests
+        tokens = ctx.tokens
+        budget = self._max_wait
+        if ctx.deadline != math.inf:
+            left = ctx.remaining()
+            if left < budget:
+                budget = left
+        wait = self._reserve(requests, tokens, budget)
+        if wait > 0.0:
+            await self._wait(wait, requests, tokens, budget)
+        # The context outlives one attempt: only headers this attempt brought count.
+        seen = ctx.rate_headers
+        try:
+            result = await call()
+        except Exception as exc:
+            self._after_failure(exc, ctx, seen, requests, tokens)
+            raise
+        used = ctx.used_tokens
+        if used is not None and self._tok_inv:
+            extra = used - tokens
+            if extra > 0.0:
+                self.debit(extra)
+            elif extra < 0.0 and self._reconcile:
+                self._refund(0.0, -extra * self._tok_inv)
+        if self._follow_headers:
+            headers = ctx.rate_headers
+            if headers is not None and headers is not seen:
+                self.observe(headers)
+        return result
+
+    def _after_failure(
+        self, exc: Exception, ctx: CallContext, seen: RateLimitHeaders | None, requests: float, tokens: float
+    ) -> None:
+        # The failed call keeps its charge: providers count failed requests.
+        if self._follow_headers:
+            headers = ctx.rate_headers
+            if headers is not None and headers is not seen:
+                self.observe(headers)
+        if not self._share_retry_after:
+            return
+        try:
+            outcome = ctx.classify(exc)
+        except Exception:  # a broken classifier must not replace the provider's error
+            return
+        if not outcome.rate_limited:
+            return
+        hint = outcome.retry_after
+        if hint is None or not hint >= 0.0:
+            # No usable hint: the time one request (and this call's tokens) takes to refill.
+            if self._req_inv or self._tok_inv:
+                hint = max(max(requests, 1.0) * self._req_inv, max(tokens, 1.0) * self._tok_inv)
+            else:
+                hint = DEFAULT_PAUSE
+        self._pause(min(hint, MAX_HINT_SECONDS))
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimiter(name={self.name!r}, rpm={self.policy.rpm}, tpm={self.policy.tpm}, "
+            f"burst_seconds={self.policy.burst_seconds})"
+        )
