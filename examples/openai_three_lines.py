@@ -12,7 +12,7 @@ import anyio
 from openai import AsyncOpenAI
 
 import ragguard  # 1
-from ragguard.testing import SimulatorConfig, serve
+from ragguard.testing import OpenAISimulator, serve
 
 
 async def main(base_url: str) -> None:
@@ -26,5 +26,5 @@ async def main(base_url: str) -> None:
 
 
 if __name__ == "__main__":
-    with serve(SimulatorConfig()) as server:
+    with serve(OpenAISimulator()) as server:
         anyio.run(main, server.base_url)

@@ -126,9 +126,7 @@ def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time
         return None
 
 
-def retry_hint_from_headers(
-    headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time
-) -> float | None:
+def retry_hint_from_headers(headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time) -> float | None:
     """How long the provider asked us to wait before retrying, in seconds, or ``None`` if it did not say.
 
     Looks at, in order: ``retry-after-ms`` (milliseconds), ``Retry-After`` (seconds or HTTP-date). The

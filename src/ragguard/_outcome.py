@@ -89,9 +89,7 @@ def classify_status(status: int, headers: Mapping[str, str] | None = None) -> Ou
     """Classify an HTTP error status the way HTTP says: 408/409/429/5xx retryable, other 4xx not."""
     hint = retry_hint_from_headers(headers)
     if status == 429:
-        return Outcome(
-            "rate_limit", retryable=True, failure=False, rate_limited=True, retry_after=hint, status=429
-        )
+        return Outcome("rate_limit", retryable=True, failure=False, rate_limited=True, retry_after=hint, status=429)
     if status >= 500:
         return Outcome("server", retryable=True, failure=True, retry_after=hint, status=status)
     if status in (408, 409):

@@ -104,15 +104,18 @@ class RateLimitPolicy(_Section):
     """Requests-per-minute and tokens-per-minute token buckets, as OpenAI publishes its limits.
 
     Each bucket refills continuously at ``rate/60`` per second and holds at most ``rate/60 · burst_seconds``
-    (providers enforce a per-minute limit over shorter periods: OpenAI's 60,000 RPM is about 1,000 per second).
+    (providers enforce a per-minute limit over shorter periods: OpenAI's 60,000 RPM is about 1,000 per second,
+    so the default keeps half a second of refill and leaves the rest of the provider's burst as a jitter buffer).
     """
 
     #: requests per minute (``None``: no request limit)
     rpm: float | None = Field(default=None, gt=0)
     #: tokens per minute (``None``: no token limit)
     tpm: float | None = Field(default=None, gt=0)
-    #: bucket capacity, in seconds of refill
-    burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    #: bucket capacity, in seconds of refill. Keep it below the provider's own burst (OpenAI enforces a minute's
+    #: quota over about a second): the provider's unused headroom then absorbs network jitter, so pacing at the
+    #: full rate does not trip 429s when requests arrive a little bunched.
+    burst_seconds: float = Field(default=0.5, gt=0, le=60)
     #: ``model``: one bucket per credential and model (OpenAI's rule); ``credential``: one pool across models
     scope: Literal["model", "credential"] = "model"
     #: ``openai``: charge prompt estimate + max_tokens·n at admission, never refund, debit under-estimates;

@@ -72,9 +72,7 @@ async def test_opens_after_consecutive_failures() -> None:
 
 @pytest.mark.anyio
 async def test_opens_on_failure_rate_once_min_calls_reached() -> None:
-    breaker = CircuitBreaker(
-        "t", failure_threshold=100, failure_rate=0.5, window=4, min_calls=4, clock=ManualClock()
-    )
+    breaker = CircuitBreaker("t", failure_threshold=100, failure_rate=0.5, window=4, min_calls=4, clock=ManualClock())
     await fail_with(breaker, HTTPError(500), 1)
     assert await breaker.call(ok) == "ok"
     await fail_with(breaker, HTTPError(500), 1)
@@ -84,18 +82,14 @@ async def test_opens_on_failure_rate_once_min_calls_reached() -> None:
         2,
         CLOSED,
     )  # 2/3 failed, but only 3 < min_calls calls
-    assert (
-        await breaker.call(ok) == "ok"
-    )  # 2/4 = 0.5 >= 0.5: opens (checked after every call, as resilience4j)
+    assert await breaker.call(ok) == "ok"  # 2/4 = 0.5 >= 0.5: opens (checked after every call, as resilience4j)
     assert breaker.state is OPEN
     assert breaker.snapshot().failure_rate == 0.5
 
 
 @pytest.mark.anyio
 async def test_window_slides_old_failures_out() -> None:
-    breaker = CircuitBreaker(
-        "t", failure_threshold=100, failure_rate=0.5, window=4, min_calls=4, clock=ManualClock()
-    )
+    breaker = CircuitBreaker("t", failure_threshold=100, failure_rate=0.5, window=4, min_calls=4, clock=ManualClock())
     await fail_with(breaker, HTTPError(500), 1)
     for _ in range(6):
         assert await breaker.call(ok) == "ok"
@@ -585,9 +579,7 @@ class BreakerMachine(RuleBasedStateMachine):
         permit, epoch, key = self.held.pop(index)
         self.model.tick(self.clock.now())
         self.model.report(self.clock.now(), epoch, key, verdict)
-        {"success": permit.record_success, "failure": permit.record_failure, "ignore": permit.release}[
-            verdict
-        ]()
+        {"success": permit.record_success, "failure": permit.record_failure, "ignore": permit.release}[verdict]()
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 3.0, 10.0, 25.0]))
     def advance(self, seconds: float) -> None:

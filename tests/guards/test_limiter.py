@@ -146,7 +146,7 @@ def test_from_policy_and_views() -> None:
 
 
 def test_unlimited_buckets_report_infinity() -> None:
-    limiter = RateLimiter(rpm=60, clock=ManualClock())
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=ManualClock())
     assert limiter.available_tokens == math.inf
     assert limiter.capacity_tokens == math.inf
     assert limiter.reserve(1, 10**9) == 0.0  # tokens are free without a tpm
@@ -154,7 +154,7 @@ def test_unlimited_buckets_report_infinity() -> None:
 
 
 def test_negative_costs_are_rejected() -> None:
-    limiter = RateLimiter(rpm=60, clock=ManualClock())
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=ManualClock())
     with pytest.raises(ValueError, match="requests"):
         limiter.reserve(-1)
     with pytest.raises(ValueError, match="tokens"):
@@ -175,7 +175,7 @@ def test_negative_costs_are_rejected() -> None:
 @pytest.mark.anyio
 async def test_refill_is_continuous_and_capped() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, clock=clock)  # 10 per second, capacity 10
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, clock=clock)  # 10 per second, capacity 10
     for _ in range(3):
         assert await limiter.acquire() == 0.0
     assert limiter.available_requests == pytest.approx(7)
@@ -188,7 +188,7 @@ async def test_refill_is_continuous_and_capped() -> None:
 @pytest.mark.anyio
 async def test_waits_one_interval_when_empty() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock)  # capacity 1, one per second
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)  # capacity 1, one per second
     assert await limiter.acquire() == 0.0
     assert await limiter.acquire() == pytest.approx(1.0)
     assert await limiter.acquire() == pytest.approx(1.0)
@@ -197,7 +197,7 @@ async def test_waits_one_interval_when_empty() -> None:
 
 @pytest.mark.anyio
 async def test_no_checkpoint_when_nothing_waits() -> None:
-    limiter = RateLimiter(rpm=600, tpm=60_000, clock=ManualClock())
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, tpm=60_000, clock=ManualClock())
     reached = False
     with anyio.CancelScope() as scope:
         scope.cancel()
@@ -211,7 +211,9 @@ async def test_no_checkpoint_when_nothing_waits() -> None:
 @pytest.mark.anyio
 async def test_the_slowest_bucket_decides() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, tpm=600, clock=clock)  # 10 requests / 10 tokens per second, capacity 10
+    limiter = RateLimiter(
+        burst_seconds=1.0, rpm=600, tpm=600, clock=clock
+    )  # 10 requests / 10 tokens per second, capacity 10
     assert await limiter.acquire(1, 10) == 0.0
     assert await limiter.acquire(1, 5) == pytest.approx(0.5)  # tokens: 5 more at 10/s
     # charged when admitted: the requests bucket refilled to full meanwhile, then paid 1
@@ -221,7 +223,9 @@ async def test_the_slowest_bucket_decides() -> None:
 
 def test_a_call_delayed_by_one_bucket_is_charged_to_the_other_when_it_goes() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, tpm=60, clock=clock)  # 10 requests/s (capacity 10), 1 token/s (capacity 1)
+    limiter = RateLimiter(
+        burst_seconds=1.0, rpm=600, tpm=60, clock=clock
+    )  # 10 requests/s (capacity 10), 1 token/s (capacity 1)
     assert limiter.reserve(1, 20) == 0.0  # oversize: the tokens bucket is in debt until t = 20
     waits = []
     for _ in range(12):  # token-free calls, spread out while the tokens debt lasts
@@ -234,7 +238,7 @@ def test_a_call_delayed_by_one_bucket_is_charged_to_the_other_when_it_goes() -> 
 @pytest.mark.anyio
 async def test_oversize_cost_goes_when_full_and_leaves_debt() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(tpm=600, clock=clock)  # 10 tokens/s, capacity 10
+    limiter = RateLimiter(burst_seconds=1.0, tpm=600, clock=clock)  # 10 tokens/s, capacity 10
     assert await limiter.acquire(1, 30) == 0.0  # full bucket: admitted, not refused forever
     assert limiter.available_tokens == pytest.approx(-20)
     assert await limiter.acquire(1, 1) == pytest.approx(2.1)  # the debt clears, then 1 token
@@ -274,9 +278,7 @@ def test_window_bound_and_fifo(
         before = (limiter.available_requests, limiter.available_tokens)
         refused: RateLimitTimeout | None = None
         try:
-            wait = limiter.reserve(
-                requests, tokens, max_wait=math.inf if max_wait is None else max_wait * burst
-            )
+            wait = limiter.reserve(requests, tokens, max_wait=math.inf if max_wait is None else max_wait * burst)
         except RateLimitTimeout as exc:
             refused = exc
         if refused is not None:
@@ -310,9 +312,7 @@ def test_window_bound_and_fifo(
         max_size=30,
     ),
 )
-def test_window_bound_holds_with_cancelled_reservations(
-    burst: float, steps: list[tuple[float, float, bool]]
-) -> None:
+def test_window_bound_holds_with_cancelled_reservations(burst: float, steps: list[tuple[float, float, bool]]) -> None:
     """Reservations given back before their time (cancelled callers) never let the others exceed the bound."""
     rate = 10.0
     cap = rate * burst
@@ -345,7 +345,7 @@ def test_window_bound_holds_with_cancelled_reservations(
 @pytest.mark.anyio
 async def test_concurrent_callers_are_admitted_in_call_order_spaced_by_the_rate() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=60, clock=clock)  # capacity 1, one per second
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)  # capacity 1, one per second
     admitted: list[tuple[int, float]] = []
 
     def caller(i: int) -> Callable[[], Awaitable[None]]:
@@ -369,7 +369,7 @@ async def test_concurrent_callers_are_admitted_in_call_order_spaced_by_the_rate(
 @pytest.mark.anyio
 async def test_timeout_is_immediate_and_consumes_nothing() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
     await limiter.acquire()
     with pytest.raises(RateLimitTimeout) as info:
         await limiter.acquire(deadline=clock.now() + 0.5)
@@ -383,7 +383,7 @@ async def test_timeout_is_immediate_and_consumes_nothing() -> None:
 @pytest.mark.anyio
 async def test_run_honours_the_context_deadline_and_max_wait() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock, max_wait=0.25)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock, max_wait=0.25)
     calls = 0
 
     async def call() -> None:
@@ -394,7 +394,7 @@ async def test_run_honours_the_context_deadline_and_max_wait() -> None:
     with pytest.raises(RateLimitTimeout) as info:
         await limiter.run(call, CallContext(clock=clock))  # max_wait
     assert info.value.remaining == pytest.approx(0.25)
-    unlimited_wait = RateLimiter(rpm=60, clock=clock)
+    unlimited_wait = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
     await unlimited_wait.run(call, CallContext(clock=clock))
     with pytest.raises(RateLimitTimeout):
         await unlimited_wait.run(call, CallContext(clock=clock, deadline=clock.now() + 0.9))  # deadline
@@ -405,14 +405,14 @@ async def test_run_honours_the_context_deadline_and_max_wait() -> None:
 @pytest.mark.anyio
 async def test_no_wait_is_never_refused_even_past_the_deadline() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock, max_wait=0)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock, max_wait=0)
     assert await limiter.acquire(deadline=clock.now() - 1) == 0.0
 
 
 @pytest.mark.anyio
 async def test_cancelled_waiter_gives_its_reservation_back() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=60, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
     await limiter.acquire()  # empties the bucket
     waits: list[float] = []
 
@@ -439,7 +439,7 @@ async def scope_guarded(scope: anyio.CancelScope, limiter: RateLimiter) -> None:
 
 
 def test_refund_is_capped_at_capacity() -> None:
-    limiter = RateLimiter(rpm=600, tpm=600, clock=ManualClock())
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, tpm=600, clock=ManualClock())
     limiter.reserve(2, 3)
     limiter.refund(requests=100, tokens=100)
     assert limiter.available_requests == pytest.approx(10)
@@ -462,7 +462,7 @@ def test_refund_is_capped_at_capacity() -> None:
 )
 async def test_accounting(accounting: Any, used: float | None, left: float) -> None:
     clock = ManualClock()
-    limiter = RateLimiter(tpm=6000, clock=clock, accounting=accounting)  # capacity 100 tokens
+    limiter = RateLimiter(burst_seconds=1.0, tpm=6000, clock=clock, accounting=accounting)  # capacity 100 tokens
     ctx = CallContext(clock=clock, tokens=50)
 
     async def call() -> str:
@@ -476,7 +476,7 @@ async def test_accounting(accounting: Any, used: float | None, left: float) -> N
 @pytest.mark.anyio
 async def test_failed_calls_keep_their_charge() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, tpm=6000, clock=clock, accounting="reconcile")
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, tpm=6000, clock=clock, accounting="reconcile")
 
     async def call() -> None:
         raise ValueError("boom")
@@ -489,7 +489,7 @@ async def test_failed_calls_keep_their_charge() -> None:
 
 
 def test_debit_takes_the_level_into_debt() -> None:
-    limiter = RateLimiter(tpm=600, clock=ManualClock())
+    limiter = RateLimiter(burst_seconds=1.0, tpm=600, clock=ManualClock())
     limiter.debit(25)
     assert limiter.available_tokens == pytest.approx(-15)
     assert limiter.reserve(0, 1) == pytest.approx(1.6)
@@ -502,7 +502,7 @@ def test_debit_takes_the_level_into_debt() -> None:
 @pytest.mark.parametrize("fail", [False, True])
 async def test_headers_lower_the_level_never_raise_it(fail: bool) -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, tpm=6000, clock=clock)  # capacities 10 and 100
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, tpm=6000, clock=clock)  # capacities 10 and 100
     ctx = CallContext(clock=clock, tokens=10)
 
     def responding(headers: RateLimitHeaders) -> Callable[[], Awaitable[None]]:
@@ -533,14 +533,14 @@ async def test_stale_headers_and_follow_headers_off_are_ignored() -> None:
     headers = RateLimitHeaders(remaining_requests=0)
     ctx = CallContext(clock=clock)
     ctx.rate_headers = headers  # left over from an earlier attempt
-    limiter = RateLimiter(rpm=600, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, clock=clock)
     await limiter.run(ok, ctx)
     assert limiter.available_requests == pytest.approx(9)
 
     async def call() -> None:
         ctx.rate_headers = RateLimitHeaders(remaining_requests=0)
 
-    off = RateLimiter(rpm=600, clock=clock, follow_headers=False)
+    off = RateLimiter(burst_seconds=1.0, rpm=600, clock=clock, follow_headers=False)
     await off.run(call, ctx)
     assert off.available_requests == pytest.approx(9)
     off.observe(RateLimitHeaders(remaining_requests=0))  # the mechanism still works when asked
@@ -553,7 +553,7 @@ async def test_stale_headers_and_follow_headers_off_are_ignored() -> None:
 @pytest.mark.anyio
 async def test_429_pauses_every_caller_and_releases_them_spaced() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=600, clock=clock)  # 10 per second, capacity 10
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, clock=clock)  # 10 per second, capacity 10
     admitted: list[float] = []
 
     async def rate_limited() -> None:
@@ -577,7 +577,7 @@ async def test_429_pauses_every_caller_and_releases_them_spaced() -> None:
 @pytest.mark.anyio
 async def test_pause_moves_waiting_reservations_back_as_a_block() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=60, clock=clock)  # one per second, capacity 1
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)  # one per second, capacity 1
     admitted: list[tuple[str, float]] = []
 
     def caller(label: str) -> Callable[[], Awaitable[None]]:
@@ -599,7 +599,7 @@ async def test_pause_moves_waiting_reservations_back_as_a_block() -> None:
 @pytest.mark.anyio
 async def test_pause_without_limits_releases_with_upward_jitter() -> None:
     clock = EventClock()
-    limiter = RateLimiter(clock=clock, rng=random.Random(7))  # neither rpm nor tpm
+    limiter = RateLimiter(burst_seconds=1.0, clock=clock, rng=random.Random(7))  # neither rpm nor tpm
     limiter.pause(10.0)
     admitted: list[float] = []
 
@@ -617,7 +617,7 @@ async def test_pause_without_limits_releases_with_upward_jitter() -> None:
 @pytest.mark.anyio
 async def test_a_longer_pause_keeps_the_spread_of_callers_already_released_by_a_pause() -> None:
     clock = EventClock()
-    limiter = RateLimiter(clock=clock, rng=random.Random(3))
+    limiter = RateLimiter(burst_seconds=1.0, clock=clock, rng=random.Random(3))
     limiter.pause(1.0)
     admitted: list[float] = []
 
@@ -637,7 +637,7 @@ async def test_a_longer_pause_keeps_the_spread_of_callers_already_released_by_a_
 @pytest.mark.anyio
 async def test_callers_due_when_a_pause_starts_are_held_and_jittered() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=600, clock=clock, rng=random.Random(5))  # 10/s, capacity 10
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, clock=clock, rng=random.Random(5))  # 10/s, capacity 10
     for _ in range(10):
         limiter.reserve()  # empty
     admitted: list[float] = []
@@ -659,7 +659,7 @@ async def test_callers_due_when_a_pause_starts_are_held_and_jittered() -> None:
 @pytest.mark.anyio
 async def test_a_pause_beyond_a_waiters_deadline_times_it_out_and_refunds() -> None:
     clock = EventClock()
-    limiter = RateLimiter(rpm=60, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
     await limiter.acquire()
     errors: list[RateLimitTimeout] = []
 
@@ -682,7 +682,7 @@ async def test_a_pause_beyond_a_waiters_deadline_times_it_out_and_refunds() -> N
 
 def test_shorter_pause_inside_a_longer_one_changes_nothing() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
     limiter.pause(5.0)
     limiter.pause(1.0)
     assert limiter.paused_until == 5.0
@@ -704,11 +704,9 @@ def test_shorter_pause_inside_a_longer_one_changes_nothing() -> None:
         (HTTPError(503, {"retry-after": "2"}), {"rpm": 600}, True, -math.inf),  # not a rate limit
     ],
 )
-async def test_which_failures_pause(
-    error: Exception, limits: dict[str, Any], share: bool, until: float
-) -> None:
+async def test_which_failures_pause(error: Exception, limits: dict[str, Any], share: bool, until: float) -> None:
     clock = ManualClock()
-    limiter = RateLimiter(**limits, clock=clock, share_retry_after=share)
+    limiter = RateLimiter(burst_seconds=1.0, **limits, clock=clock, share_retry_after=share)
 
     async def call() -> None:
         raise error
@@ -721,7 +719,7 @@ async def test_which_failures_pause(
 @pytest.mark.anyio
 async def test_a_broken_classifier_does_not_mask_the_error() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=60, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60, clock=clock)
 
     def classify(exc: BaseException) -> Any:
         raise RuntimeError("classifier bug")
@@ -739,7 +737,7 @@ async def test_a_broken_classifier_does_not_mask_the_error() -> None:
 @pytest.mark.anyio
 async def test_in_a_pipeline() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=600, tpm=6000, clock=clock)
+    limiter = RateLimiter(burst_seconds=1.0, rpm=600, tpm=6000, clock=clock)
     pipeline = Pipeline(limiter, clock=clock)
     assert await pipeline.run(ok, pipeline.context(tokens=40)) == "ok"
     assert limiter.available_tokens == pytest.approx(60)
@@ -749,7 +747,7 @@ async def test_in_a_pipeline() -> None:
 
 def test_threads_share_one_limiter_without_losing_updates() -> None:
     clock = ManualClock()
-    limiter = RateLimiter(rpm=6_000_000, clock=clock)  # capacity 100,000, time stands still
+    limiter = RateLimiter(burst_seconds=1.0, rpm=6_000_000, clock=clock)  # capacity 100,000, time stands still
 
     def hammer() -> None:
         for _ in range(5_000):
@@ -765,7 +763,7 @@ def test_threads_share_one_limiter_without_losing_updates() -> None:
 
 @pytest.mark.anyio
 async def test_testing_mode_skips_real_waits() -> None:
-    limiter = RateLimiter(rpm=60)  # one per second on the system clock
+    limiter = RateLimiter(burst_seconds=1.0, rpm=60)  # one per second on the system clock
     ragguard.set_testing(True)
     try:
         with anyio.fail_after(5):  # three 1 s waits would not fit

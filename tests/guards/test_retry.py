@@ -184,14 +184,10 @@ def test_seeded_rng_gives_reproducible_delays() -> None:
     jitter=st.sampled_from(JITTERS),
     seed=st.integers(min_value=0, max_value=1000),
 )
-def test_calls_and_sleeps_follow_attempts(
-    failures: int, attempts: int, jitter: JitterKind, seed: int
-) -> None:
+def test_calls_and_sleeps_follow_attempts(failures: int, attempts: int, jitter: JitterKind, seed: int) -> None:
     for backend in ("asyncio", "trio"):
         clock = ManualClock()
-        retry = Retry(
-            attempts=attempts, base=0.1, cap=2.0, jitter=jitter, clock=clock, rng=random.Random(seed)
-        )
+        retry = Retry(attempts=attempts, base=0.1, cap=2.0, jitter=jitter, clock=clock, rng=random.Random(seed))
         ctx = CallContext(clock=clock)
         script = Script([ConnectionError(f"boom {i}") for i in range(failures)], ctx)
 
@@ -548,9 +544,7 @@ async def test_success_on_first_attempt_does_not_checkpoint() -> None:
 async def test_decorrelated_and_seeded_retries_are_reproducible() -> None:
     async def schedule(seed: int) -> list[float]:
         clock = ManualClock()
-        retry = Retry(
-            attempts=6, base=0.5, cap=4.0, jitter="decorrelated", clock=clock, rng=random.Random(seed)
-        )
+        retry = Retry(attempts=6, base=0.5, cap=4.0, jitter="decorrelated", clock=clock, rng=random.Random(seed))
         assert await retry.call(Script([ConnectionError()] * 5)) == "ok"
         return clock.slept
 

@@ -30,12 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--users", type=int, default=1000, help="concurrent users (default: 1000)")
-    demo.add_argument(
-        "--rpm", type=float, default=10_000, help="provider quota, requests per minute per model"
-    )
-    demo.add_argument(
-        "--tpm", type=float, default=4_000_000, help="provider quota, tokens per minute per model"
-    )
+    demo.add_argument("--rpm", type=float, default=10_000, help="provider quota, requests per minute per model")
+    demo.add_argument("--tpm", type=float, default=4_000_000, help="provider quota, tokens per minute per model")
     demo.add_argument(
         "--faults",
         choices=["none", "flaky"],

@@ -66,9 +66,7 @@ class DemoOptions(BaseModel):
     def _known_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [m for m in modes if m not in MODES]
         if unknown or not modes:
-            raise ValueError(
-                f"modes must be a non-empty subset of {', '.join(MODES)}; got {', '.join(unknown)}"
-            )
+            raise ValueError(f"modes must be a non-empty subset of {', '.join(MODES)}; got {', '.join(unknown)}")
         return modes
 
 
@@ -120,9 +118,7 @@ def guarded_policy(options: DemoOptions) -> Policy:
         retry=RetryPolicy(attempts=8, base=0.2, cap=5.0),
         timeout=TimeoutPolicy(attempt=2.0 if flaky else 30.0, total=110.0),
         concurrency=ConcurrencyPolicy(max_in_flight=256),
-        breaker=BreakerPolicy(
-            failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0
-        ),
+        breaker=BreakerPolicy(failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0),
     )
 
 
@@ -158,9 +154,7 @@ def theoretical_min_s(
     return max(0.0, need)
 
 
-async def _one_user(
-    user: int, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]
-) -> None:
+async def _one_user(user: int, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]) -> None:
     question = _question(user)
     await embed(model=EMBED_MODEL, input=question)
     await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS)
@@ -220,27 +214,24 @@ async def _run_mode(
     return latencies, errors, time.perf_counter() - started
 
 
-def _simulator_config(options: DemoOptions) -> Any:
-    from ..testing import SimulatorConfig
+def _simulator(options: DemoOptions) -> Any:
+    from ..testing import OpenAISimulator, SimulatorConfig
 
     if options.faults == "flaky":
-        return SimulatorConfig.flaky(rpm=options.rpm, tpm=options.tpm, seed=options.seed)
-    return SimulatorConfig(rpm=options.rpm, tpm=options.tpm, seed=options.seed)
+        return OpenAISimulator(SimulatorConfig.flaky(rpm=options.rpm, tpm=options.tpm, seed=options.seed))
+    return OpenAISimulator(SimulatorConfig(rpm=options.rpm, tpm=options.tpm, seed=options.seed))
 
 
 def _figures(stats: dict[str, Any]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
-    """Upstream requests, 429s, tokens admitted, and per-model successful requests and tokens."""
+    """Upstream requests, 429s, tokens charged, and per-model admitted requests and tokens."""
     upstream = int(stats["requests_total"])
     by_status = stats.get("responses_by_status", {})
     too_many = int(by_status.get("429", by_status.get(429, 0)))
     tokens = int(stats["tokens_admitted"])
-    per_model_ok: dict[str, float] = {
-        model: float(v) for model, v in stats.get("requests_ok_by_model", {}).items()
-    }
-    per_model_tokens: dict[str, float] = {
-        model: float(v) for model, v in stats.get("tokens_admitted_by_model", {}).items()
-    }
-    return upstream, too_many, tokens, per_model_ok, per_model_tokens
+    buckets: dict[str, Any] = stats.get("buckets", {})
+    per_model_requests = {model: float(b["requests_admitted"]) for model, b in buckets.items()}
+    per_model_tokens = {model: float(b["tokens_admitted"]) for model, b in buckets.items()}
+    return upstream, too_many, tokens, per_model_requests, per_model_tokens
 
 
 async def run_demo(
@@ -258,8 +249,8 @@ async def run_demo(
     """
     from ..testing import serve
 
-    config = _simulator_config(options)
-    burst_s = float(getattr(config, "burst_seconds", 1.0))
+    simulator = _simulator(options)
+    burst_s = float(simulator.config.burst_seconds)
     embed_need, chat_need = _user_costs(options.users)
     # the quota's users per second: each user needs one request and some tokens in each model's buckets
     quota_users_per_s = min(
@@ -268,7 +259,7 @@ async def run_demo(
         options.tpm / 60 / max(1.0, chat_need / options.users),
     )
     results: list[ModeResult] = []
-    with serve(config, mode="process") as server:
+    with serve(simulator, mode="process") as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as control:
             for mode in options.modes:
                 (await control.post("/_sim/reset")).raise_for_status()
@@ -297,18 +288,14 @@ async def run_demo(
                         p99_s=round(_percentile(latencies, 0.99), 4),
                         wall_s=round(wall, 4),
                         theoretical_min_s=round(
-                            theoretical_min_s(
-                                ok_by_model, tokens_by_model, options.rpm, options.tpm, burst_s
-                            ),
+                            theoretical_min_s(ok_by_model, tokens_by_model, options.rpm, options.tpm, burst_s),
                             4,
                         ),
                         goodput=round((succeeded / wall) / quota_users_per_s if wall > 0 else 0.0, 4),
                         errors=errors,
                     )
                 )
-    return DemoReport(
-        rpm=options.rpm, tpm=options.tpm, faults=options.faults, seed=options.seed, modes=results
-    )
+    return DemoReport(rpm=options.rpm, tpm=options.tpm, faults=options.faults, seed=options.seed, modes=results)
 
 
 def render_table(report: DemoReport) -> Any:
@@ -370,9 +357,7 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
         console=console,
         disable=not progress,
     )
-    tasks = {
-        mode: bars.add_task(mode, total=options.users, ok=0, failed=0, start=False) for mode in options.modes
-    }
+    tasks = {mode: bars.add_task(mode, total=options.users, ok=0, failed=0, start=False) for mode in options.modes}
     counts = {mode: [0, 0] for mode in options.modes}
 
     def on_start(mode: str) -> None:
@@ -391,9 +376,7 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
     console.print(render_table(report))
     for m in report.modes:
         if m.errors:
-            console.print(
-                f"  {m.mode} failures: " + ", ".join(f"{k} × {v}" for k, v in sorted(m.errors.items()))
-            )
+            console.print(f"  {m.mode} failures: " + ", ".join(f"{k} × {v}" for k, v in sorted(m.errors.items())))
     if json_path:
         payload = report.model_dump()
         with open(json_path, "w", encoding="utf-8") as fh:

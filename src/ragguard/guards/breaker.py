@@ -374,9 +374,7 @@ class CircuitBreaker(GuardBase):
             else:
                 failed = outcome.failure or (self._count_rate_limits and outcome.rate_limited)
         except Exception:
-            logger.exception(
-                "circuit breaker %r: judging %r failed; counting it as a failure", self.name, exc
-            )
+            logger.exception("circuit breaker %r: judging %r failed; counting it as a failure", self.name, exc)
             return _FAILURE
         if failed:
             return _FAILURE

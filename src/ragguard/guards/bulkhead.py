@@ -84,9 +84,7 @@ class ConcurrencyLimit(GuardBase):
         clock: Clock = SYSTEM_CLOCK,
         name: str = "default",
     ) -> None:
-        policy = ConcurrencyPolicy(
-            enabled=enabled, max_in_flight=max_in_flight, max_queue=max_queue, max_wait=max_wait
-        )
+        policy = ConcurrencyPolicy(enabled=enabled, max_in_flight=max_in_flight, max_queue=max_queue, max_wait=max_wait)
         #: the validated settings
         self.policy = policy
         self.name = name

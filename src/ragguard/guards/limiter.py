@@ -133,7 +133,7 @@ class RateLimiter(GuardBase):
         *,
         rpm: float | None = None,
         tpm: float | None = None,
-        burst_seconds: float = 1.0,
+        burst_seconds: float = 0.5,
         scope: Literal["model", "credential"] = "model",
         accounting: Literal["openai", "reconcile"] = "openai",
         follow_headers: bool = True,
@@ -256,9 +256,7 @@ class RateLimiter(GuardBase):
         budget = self._max_wait if self._max_wait < max_wait else max_wait
         return self._reserve(requests, tokens, budget)
 
-    async def acquire(
-        self, requests: float = 1.0, tokens: float = 0.0, *, deadline: float = math.inf
-    ) -> float:
+    async def acquire(self, requests: float = 1.0, tokens: float = 0.0, *, deadline: float = math.inf) -> float:
         """Wait until a call costing ``requests`` and ``tokens`` may go; return the seconds waited.
 
         A call that can go at once returns ``0.0`` without yielding to the scheduler.

@@ -71,9 +71,7 @@ def backoff_delays(policy: RetryPolicy, rng: random.Random | None = None) -> Ite
     return _delays(policy.base, policy.cap, policy.jitter, rng.uniform if rng is not None else random.uniform)
 
 
-def _delays(
-    base: float, cap: float, jitter: JitterKind, uniform: Callable[[float, float], float]
-) -> Iterator[float]:
+def _delays(base: float, cap: float, jitter: JitterKind, uniform: Callable[[float, float], float]) -> Iterator[float]:
     if jitter == "decorrelated":
         previous = base
         while True:

@@ -135,6 +135,4 @@ class Deadline(GuardBase):
         finally:
             ctx.deadline = saved
         # Reached only when our scope swallowed its own deadline's cancellation (see Timeout.run).
-        raise DeadlineExceeded(
-            f"{ctx.operation}: deadline of {length:g} s exceeded", timeout=length
-        ) from None
+        raise DeadlineExceeded(f"{ctx.operation}: deadline of {length:g} s exceeded", timeout=length) from None

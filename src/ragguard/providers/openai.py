@@ -46,7 +46,7 @@ from ..guards.retry import Retry
 from ..guards.timeout import Deadline, Timeout
 from ._proxy import AttributeProxy
 
-__all__ = ["OpenAIGuard", "classify_openai", "guard_openai", "is_openai_client"]
+__all__ = ["GuardedOpenAIClient", "OpenAIGuard", "classify_openai", "guard_openai", "is_openai_client"]
 
 #: the endpoints that go through the pipeline, as attribute paths from the client
 _GUARDED = {
@@ -324,9 +324,7 @@ class OpenAIGuard:
             try:
                 raw = await create(**kwargs)
             except Exception as exc:
-                ctx.rate_headers = parse_rate_limit_headers(
-                    getattr(getattr(exc, "response", None), "headers", None)
-                )
+                ctx.rate_headers = parse_rate_limit_headers(getattr(getattr(exc, "response", None), "headers", None))
                 raise
             ctx.rate_headers = parse_rate_limit_headers(raw.headers)
             result = raw.parse()
@@ -355,9 +353,7 @@ class OpenAIGuard:
             try:
                 raw = create(**kwargs)
             except Exception as exc:
-                ctx.rate_headers = parse_rate_limit_headers(
-                    getattr(getattr(exc, "response", None), "headers", None)
-                )
+                ctx.rate_headers = parse_rate_limit_headers(getattr(getattr(exc, "response", None), "headers", None))
                 raise
             ctx.rate_headers = parse_rate_limit_headers(raw.headers)
             result = raw.parse()
@@ -374,6 +370,28 @@ class OpenAIGuard:
             return _adopt(type(result), result, _sync_rest(result, first))
 
         return run_sync(lambda: pipeline.run(lambda: run_in_worker(attempt), ctx))
+
+
+class GuardedOpenAIClient(AttributeProxy):
+    """The proxy :func:`ragguard.guard` returns for an OpenAI client: the SDK's interface, guarded.
+
+    Usable as a context manager like the SDK client itself (``async with`` for ``AsyncOpenAI``, ``with`` for
+    ``OpenAI``); leaving it closes the wrapped client's HTTP connections.
+    """
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> GuardedOpenAIClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __enter__(self) -> GuardedOpenAIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _async_method(core: OpenAIGuard, endpoint: str) -> Callable[..., Any]:
@@ -423,7 +441,7 @@ def guard_openai(
         client.chat,
         {"completions": AttributeProxy(client.chat.completions, {"create": make(core, "chat.completions")})},
     )
-    return AttributeProxy(
+    return GuardedOpenAIClient(
         client,
         {
             "embeddings": AttributeProxy(client.embeddings, {"create": make(core, "embeddings")}),
