@@ -303,18 +303,20 @@ def render_table(report: DemoReport) -> Any:
     from rich.table import Table
 
     table = Table(
+        caption="goodput = users served per second ÷ users per second the quota allows; min s = least wall time "
+        "the quota allows for what the mode sent",
         title=(
             f"Monday morning: {report.modes[0].users if report.modes else 0} users, quota {report.rpm:,.0f} RPM / "
             f"{report.tpm:,.0f} TPM per model, faults: {report.faults}"
-        )
+        ),
     )
     for header in (
         "mode",
-        "succeeded",
+        "served",
         "failed",
-        "upstream req",
-        "upstream 429",
-        "tokens billed",
+        "upstream",
+        "429s",
+        "tokens",
         "p50 s",
         "p95 s",
         "p99 s",
@@ -322,7 +324,7 @@ def render_table(report: DemoReport) -> Any:
         "min s",
         "goodput",
     ):
-        table.add_column(header, justify="left" if header == "mode" else "right")
+        table.add_column(header, justify="left" if header == "mode" else "right", no_wrap=True)
     for m in report.modes:
         share = m.succeeded / m.users if m.users else 0.0
         table.add_row(
@@ -348,6 +350,8 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 132))  # pipes and CI logs: no wrapping of the table
     bars = Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
