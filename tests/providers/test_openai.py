@@ -133,7 +133,9 @@ async def test_classifier_reads_the_hint_from_the_sdk_error(
         with pytest.raises(openai.RateLimitError) as info:
             await raw.embeddings.create(**EMBED)
         outcome = classify_openai(info.value)
-        assert outcome.rate_limited and outcome.retryable and not outcome.failure
+        assert outcome.rate_limited
+        assert outcome.retryable
+        assert not outcome.failure
         assert outcome.retry_after is not None
         assert low <= outcome.retry_after <= high
 
@@ -197,10 +199,14 @@ async def test_stream_broken_after_first_chunk_is_not_retried(style: str, aclien
     with sim_with(rpm=None, tpm=None, stream_break_rate=1.0, stream_break_style=style) as served:
         client = aclient(served)
         stream = await client.chat.completions.create(**{**CHAT, "max_tokens": 40}, stream=True)
-        chunks = []
-        with pytest.raises(ragguard.StreamInterrupted):
+        chunks: list[Any] = []
+
+        async def drain() -> None:
             async for chunk in stream:
                 chunks.append(chunk)
+
+        with pytest.raises(ragguard.StreamInterrupted):
+            await drain()
         assert len(chunks) >= 1
         assert served.stats().requests_total == 1
 
