@@ -37,13 +37,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
-def _context_for(guard: Guard) -> CallContext:
+def _context_factory(guard: Guard) -> Callable[[], CallContext]:
+    """How to make a call's context for ``guard``, decided once per decorated function (not per call)."""
     context = getattr(guard, "context", None)
     if callable(context):
-        return cast(CallContext, context())
-    return CallContext(
-        clock=getattr(guard, "clock", SYSTEM_CLOCK), classify=getattr(guard, "classify", classify_exception)
-    )
+        return cast(Callable[[], CallContext], context)
+    clock = getattr(guard, "clock", SYSTEM_CLOCK)
+    classify = getattr(guard, "classify", classify_exception)
+    return lambda: CallContext(clock=clock, classify=classify)
 
 
 def guarded(guard: Guard, fn: F, *, tokens: Callable[..., float] | None = None) -> F:
@@ -55,8 +56,10 @@ def guarded(guard: Guard, fn: F, *, tokens: Callable[..., float] | None = None) 
         tokens: optional ``tokens(*args, **kwargs) -> float``, the call's token cost for a tokens-per-minute limit.
     """
 
+    make_context = _context_factory(guard)
+
     def context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallContext:
-        ctx = _context_for(guard)
+        ctx = make_context()
         if tokens is not None:
             ctx.tokens = float(tokens(*args, **kwargs))
         return ctx

@@ -204,6 +204,8 @@ class CircuitBreaker(GuardBase):
     """
 
     stage: ClassVar[str] = "breaker"
+    #: every wait of this guard ends by ``ctx.deadline`` (lets Pipeline elide a redundant cancel scope)
+    honours_deadline = True
     __slots__ = (
         "_calls",
         "_consecutive",

@@ -62,6 +62,8 @@ class ConcurrencyLimit(GuardBase):
     """
 
     stage: ClassVar[str] = "concurrency"
+    #: every wait of this guard ends by ``ctx.deadline`` (lets Pipeline elide a redundant cancel scope)
+    honours_deadline = True
     __slots__ = (
         "_enabled",
         "_in_flight",

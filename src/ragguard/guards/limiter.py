@@ -108,6 +108,8 @@ class RateLimiter(GuardBase):
     """
 
     stage: ClassVar[str] = "rate_limit"
+    #: every wait of this guard ends by ``ctx.deadline`` (lets Pipeline elide a redundant cancel scope)
+    honours_deadline = True
     __slots__ = (
         "_burst",
         "_follow_headers",

@@ -159,6 +159,8 @@ class Retry(GuardBase):
     """
 
     stage = "retry"
+    #: every wait of this guard ends by ``ctx.deadline`` (lets Pipeline elide a redundant cancel scope)
+    honours_deadline = True
     __slots__ = (
         "_attempts",
         "_deadline",
