@@ -20,6 +20,7 @@ __all__ = [
     "Outcome",
     "classify_exception",
     "classify_status",
+    "headers_of",
     "status_code_of",
 ]
 

@@ -32,7 +32,7 @@ import openai
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import parse_rate_limit_headers
-from .._outcome import Outcome, classify_exception, classify_status
+from .._outcome import Outcome, classify_exception, classify_status, headers_of
 from .._sync import run_in_worker, run_sync
 from .._tokens import TokenEstimator, estimate_chat_tokens, estimate_text_tokens, heuristic_estimator
 from ..backends.memory import MemoryBackend, default_backend
@@ -227,6 +227,21 @@ def _adopt(stream_cls: type[Any], inner: Any, iterator: Any) -> Any:
     return stream
 
 
+def _note_error(ctx: CallContext, exc: BaseException) -> None:
+    """Keep the provider's rate-limit view from an error response (the limiter reads it)."""
+    ctx.rate_headers = parse_rate_limit_headers(headers_of(exc))
+
+
+def _parsed(ctx: CallContext, cost: _Cost, raw: Any, stream: bool) -> Any:
+    """The SDK's own parsed result of a raw response, noting its rate-limit headers and (unless streamed) the
+    tokens OpenAI charged for it."""
+    ctx.rate_headers = parse_rate_limit_headers(raw.headers)
+    result = raw.parse()
+    if not stream:
+        ctx.used_tokens = cost.charged(getattr(result, "usage", None))
+    return result
+
+
 class OpenAIGuard:
     """The shared core of one guarded OpenAI client: pipelines per (endpoint, model), cost rules, attempts.
 
@@ -324,12 +339,10 @@ class OpenAIGuard:
             try:
                 raw = await create(**kwargs)
             except Exception as exc:
-                ctx.rate_headers = parse_rate_limit_headers(getattr(getattr(exc, "response", None), "headers", None))
+                _note_error(ctx, exc)
                 raise
-            ctx.rate_headers = parse_rate_limit_headers(raw.headers)
-            result = raw.parse()
+            result = _parsed(ctx, cost, raw, stream)
             if not stream:
-                ctx.used_tokens = cost.charged(getattr(result, "usage", None))
                 return result
             try:
                 first = await result._iterator.__anext__()
@@ -353,12 +366,10 @@ class OpenAIGuard:
             try:
                 raw = create(**kwargs)
             except Exception as exc:
-                ctx.rate_headers = parse_rate_limit_headers(getattr(getattr(exc, "response", None), "headers", None))
+                _note_error(ctx, exc)
                 raise
-            ctx.rate_headers = parse_rate_limit_headers(raw.headers)
-            result = raw.parse()
+            result = _parsed(ctx, cost, raw, stream)
             if not stream:
-                ctx.used_tokens = cost.charged(getattr(result, "usage", None))
                 return result
             try:
                 first = next(result._iterator)
