@@ -25,7 +25,7 @@ from ._hints import (
     retry_hint_from_headers,
 )
 from ._outcome import Classifier, Outcome, classify_exception
-from ._tokens import TokenEstimator, heuristic_estimator
+from ._tokens import TokenEstimator, default_estimator, heuristic_estimator, tiktoken_estimator
 from .backends.memory import MemoryBackend, default_backend
 from .config import (
     BreakerPolicy,
@@ -105,6 +105,7 @@ __all__ = [
     "classify_exception",
     "concurrency_limit",
     "default_backend",
+    "default_estimator",
     "guard",
     "guarded",
     "heuristic_estimator",
@@ -116,5 +117,6 @@ __all__ = [
     "retry",
     "retry_hint_from_headers",
     "set_testing",
+    "tiktoken_estimator",
     "timeout",
 ]

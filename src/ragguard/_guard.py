@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from ._clock import SYSTEM_CLOCK, Clock
-from ._tokens import TokenEstimator, heuristic_estimator
+from ._tokens import TokenEstimator, default_estimator
 from .backends.memory import MemoryBackend
 from .config import Policy
 from .errors import ConfigError
@@ -20,7 +20,7 @@ def guard(
     policy: Policy | None = None,
     *,
     backend: MemoryBackend | None = None,
-    estimator: TokenEstimator = heuristic_estimator,
+    estimator: TokenEstimator | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> C:
     """Wrap a provider client so its calls go through a ragguard pipeline; use the result exactly as before.
@@ -36,7 +36,9 @@ def guard(
         policy: the guards' configuration; default ``Policy()``, which also reads ``RAGGUARD_*`` variables.
         backend: where shared state lives; default: the process-wide :class:`~ragguard.MemoryBackend`, so all
             guarded clients of one API key share one rate limit per model, as the provider does.
-        estimator: counts a text's tokens for the tokens-per-minute limit (default: offline, ~4 chars/token).
+        estimator: counts a text's tokens for the tokens-per-minute limit (default:
+            :func:`~ragguard.default_estimator`: tiktoken if its files are cached locally, else ~4 chars/token;
+            never downloads anything).
         clock: time source (tests inject :class:`~ragguard.ManualClock`).
 
     Returns:
@@ -54,7 +56,7 @@ def guard(
                 client,  # type: ignore[arg-type]
                 policy,
                 backend=backend,
-                estimator=estimator,
+                estimator=estimator or default_estimator(),
                 clock=clock,
             )
             return proxy  # type: ignore[no-any-return]
