@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ragguard
 from ragguard._hints import (
     MAX_HINT_SECONDS,
     RateLimitHeaders,
@@ -342,3 +343,35 @@ def test_rate_limit_headers_absent_or_partial() -> None:
     assert parsed.limit_tokens is None
     assert parsed.reset_tokens is None
     assert parsed.limit_requests is None
+
+
+def test_rate_limit_wait_prefers_explicit_hint_then_exhausted_bucket_reset() -> None:
+    from ragguard._hints import rate_limit_wait_from_headers
+
+    both = httpx.Headers({"retry-after-ms": "250", "x-ratelimit-reset-requests": "6s"})
+    assert rate_limit_wait_from_headers(both) == pytest.approx(0.25)
+    tokens_out = httpx.Headers(
+        {
+            "x-ratelimit-remaining-requests": "40",
+            "x-ratelimit-reset-requests": "120ms",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "1m30.5s",
+        }
+    )
+    assert rate_limit_wait_from_headers(tokens_out) == pytest.approx(90.5)
+    neither = httpx.Headers({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "500ms"})
+    assert rate_limit_wait_from_headers(neither) == pytest.approx(2.0)  # remaining unknown: both may be out
+    assert rate_limit_wait_from_headers(httpx.Headers({})) is None
+
+
+def test_classifier_reads_reset_headers_on_a_429_only() -> None:
+    headers = httpx.Headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"})
+    assert ragguard.classify_exception(_StatusError(429, headers)).retry_after == pytest.approx(360)
+    assert ragguard.classify_exception(_StatusError(503, headers)).retry_after is None
+
+
+class _StatusError(Exception):
+    def __init__(self, status: int, headers: httpx.Headers) -> None:
+        super().__init__(status)
+        self.status_code = status
+        self.response = type("Response", (), {"headers": headers, "status_code": status})()

@@ -26,6 +26,7 @@ __all__ = [
     "parse_duration",
     "parse_rate_limit_headers",
     "parse_retry_after",
+    "rate_limit_wait_from_headers",
     "retry_hint_from_headers",
 ]
 
@@ -224,3 +225,29 @@ def parse_rate_limit_headers(headers: Mapping[str, str] | None) -> RateLimitHead
     if all(getattr(parsed, name) is None for name in RateLimitHeaders.__slots__):
         return None
     return parsed
+
+
+def rate_limit_wait_from_headers(
+    headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time
+) -> float | None:
+    """How long to wait after a 429, in seconds: the explicit hint, else what the rate-limit headers imply.
+
+    Uses :func:`retry_hint_from_headers` first. Without one, OpenAI's ``x-ratelimit-reset-*`` headers say when a
+    bucket is full again: the wait is the reset of the exhausted bucket(s) (``remaining`` 0 or missing), or, when
+    neither reports itself exhausted, the shorter reset. ``None`` when the headers say nothing usable.
+    """
+    hint = retry_hint_from_headers(headers, now=now)
+    if hint is not None:
+        return hint
+    limits = parse_rate_limit_headers(headers)
+    if limits is None:
+        return None
+    pairs = [
+        (limits.remaining_requests, limits.reset_requests),
+        (limits.remaining_tokens, limits.reset_tokens),
+    ]
+    exhausted = [reset for remaining, reset in pairs if reset is not None and (remaining is None or remaining < 1)]
+    if exhausted:
+        return max(exhausted)
+    resets = [reset for _, reset in pairs if reset is not None]
+    return min(resets) if resets else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._hints import retry_hint_from_headers
+from ._hints import rate_limit_wait_from_headers, retry_hint_from_headers
 from .errors import AttemptTimeout, RagGuardError
 
 __all__ = [
@@ -87,10 +87,15 @@ def headers_of(exc: BaseException) -> Mapping[str, str] | None:
 
 
 def classify_status(status: int, headers: Mapping[str, str] | None = None) -> Outcome:
-    """Classify an HTTP error status the way HTTP says: 408/409/429/5xx retryable, other 4xx not."""
-    hint = retry_hint_from_headers(headers)
+    """Classify an HTTP error status the way HTTP says: 408/409/429/5xx retryable, other 4xx not.
+
+    A 429's wait comes from ``retry-after-ms`` / ``Retry-After``, else from OpenAI-style ``x-ratelimit-reset-*``
+    headers (see :func:`~ragguard._hints.rate_limit_wait_from_headers`).
+    """
     if status == 429:
-        return Outcome("rate_limit", retryable=True, failure=False, rate_limited=True, retry_after=hint, status=429)
+        wait = rate_limit_wait_from_headers(headers)
+        return Outcome("rate_limit", retryable=True, failure=False, rate_limited=True, retry_after=wait, status=429)
+    hint = retry_hint_from_headers(headers)
     if status >= 500:
         return Outcome("server", retryable=True, failure=True, retry_after=hint, status=status)
     if status in (408, 409):

@@ -121,7 +121,7 @@ async def test_rate_limit_429_is_retried_with_every_hint_form(style: str, aclien
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("style", "low", "high"),
-    [("both", 0.2, 0.7), ("retry-after", 1.0, 1.0), ("retry-after-date", 0.0, 2.0)],
+    [("both", 0.2, 0.7), ("retry-after", 1.0, 1.0), ("retry-after-date", 0.0, 2.0), ("reset-only", 0.2, 0.7)],
 )
 async def test_classifier_reads_the_hint_from_the_sdk_error(
     style: str, low: float, high: float, opened: list[Any]
