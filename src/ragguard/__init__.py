@@ -28,7 +28,9 @@ from ._outcome import Classifier, Outcome, classify_exception
 from ._tokens import TokenEstimator, default_estimator, heuristic_estimator, tiktoken_estimator
 from .backends.memory import MemoryBackend, default_backend
 from .config import (
+    BatchingPolicy,
     BreakerPolicy,
+    CachePolicy,
     ConcurrencyPolicy,
     JitterKind,
     Policy,
@@ -49,8 +51,20 @@ from .errors import (
     RetryExhausted,
     StreamInterrupted,
 )
+from .guards.batch import BatchItemTooLarge, MicroBatcher
 from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
 from .guards.bulkhead import ConcurrencyLimit
+from .guards.cache import (
+    Cache,
+    CacheStore,
+    JsonSerializer,
+    MemoryCacheStore,
+    MsgpackSerializer,
+    Serializer,
+    cache_key,
+    cached,
+    fingerprint,
+)
 from .guards.limiter import RateLimiter
 from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
 from .guards.retry import Retry, RetryEvent, backoff_delays
@@ -63,10 +77,15 @@ __all__ = [
     "SYSTEM_CLOCK",
     "AttemptTimeout",
     "BackendUnavailable",
+    "BatchItemTooLarge",
+    "BatchingPolicy",
     "BreakerPolicy",
     "BreakerSnapshot",
     "BreakerState",
     "BulkheadFull",
+    "Cache",
+    "CachePolicy",
+    "CacheStore",
     "CallContext",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -80,8 +99,12 @@ __all__ = [
     "Guard",
     "GuardBase",
     "JitterKind",
+    "JsonSerializer",
     "ManualClock",
     "MemoryBackend",
+    "MemoryCacheStore",
+    "MicroBatcher",
+    "MsgpackSerializer",
     "Outcome",
     "Pipeline",
     "Policy",
@@ -94,6 +117,7 @@ __all__ = [
     "RetryEvent",
     "RetryExhausted",
     "RetryPolicy",
+    "Serializer",
     "StreamInterrupted",
     "SystemClock",
     "Timeout",
@@ -101,11 +125,14 @@ __all__ = [
     "TokenEstimator",
     "__version__",
     "backoff_delays",
+    "cache_key",
+    "cached",
     "circuit_breaker",
     "classify_exception",
     "concurrency_limit",
     "default_backend",
     "default_estimator",
+    "fingerprint",
     "guard",
     "guarded",
     "heuristic_estimator",

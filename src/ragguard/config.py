@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "BatchingPolicy",
     "BreakerPolicy",
+    "CachePolicy",
     "ConcurrencyPolicy",
     "JitterKind",
     "Policy",
@@ -147,6 +149,46 @@ class TimeoutPolicy(_Section):
     total: float | None = Field(default=120.0, gt=0)
 
 
+class BatchingPolicy(_Section):
+    """Settings of a :class:`MicroBatcher`.
+
+    Defaults follow OpenAI's embeddings endpoint: at most 2048 inputs and 300,000 tokens per request.
+    """
+
+    enabled: bool = True
+    #: items per upstream call (OpenAI embeddings: 2048 inputs)
+    max_items: int = Field(default=2048, ge=1)
+    #: total cost per upstream call, in the unit of the ``cost`` function (e.g. tokens); ``None``: no cap
+    max_cost: float | None = Field(default=300_000, gt=0)
+    #: seconds a batch waits for more items after its first one
+    max_wait: float = Field(default=0.005, ge=0)
+    #: batches of one batcher sent at once; further closed batches wait for a slot
+    max_in_flight: int = Field(default=8, ge=1)
+
+
+class CachePolicy(_Section):
+    """Settings of a :class:`Cache`.
+
+    Attributes:
+        enabled: whether the cache is used at all (``False``: every call passes through).
+        ttl: seconds an entry lives (``> 0``); ``None``: no expiry (still bounded by LRU eviction).
+        max_entries: most entries the in-memory store holds (``>= 1``).
+        max_bytes: most bytes of serialised values the in-memory store holds (``>= 1``; default 64 MiB).
+        namespace: the first part of every key (non-empty); :meth:`Cache.invalidate` clears one at once.
+        scope: an app-supplied tenant id added to every key, so tenants never share entries.
+    """
+
+    enabled: bool = True
+    ttl: float | None = Field(default=3600.0, gt=0)
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 2**20, ge=1)
+    namespace: str = Field(default="ragguard", min_length=1)
+    scope: str | None = None
+
+
+# --- serialisation -------------------------------------------------------------------------------------------
+
+
 class Policy(BaseSettings):
     """Everything a guarded client or decorator needs, validated, loadable from ``RAGGUARD_*`` variables.
 
@@ -165,3 +207,5 @@ class Policy(BaseSettings):
     rate_limit: RateLimitPolicy = RateLimitPolicy()
     concurrency: ConcurrencyPolicy = ConcurrencyPolicy()
     timeout: TimeoutPolicy = TimeoutPolicy()
+    # BatchingPolicy and CachePolicy configure MicroBatcher and Cache; they join Policy when the guarded
+    # clients use them (issue 3), so no section here promises behaviour that guard() does not deliver yet.

@@ -1,0 +1,418 @@
+"""A response cache that is safe to share: JSON values (never pickle), hashed, namespaced, tenant-scoped keys.
+
+:class:`Cache` is the outermost stage of a pipeline (a hit costs no quota): it looks the call's key up, returns
+the cached value on a hit, and on a miss runs the call and stores its result. Exceptions are never cached.
+
+Keys (:func:`cache_key`) have the shape ``"{namespace}:{scope or '-'}:{sha256 hex}"``, the digest taken over a
+canonical JSON (sorted keys, no whitespace) of the namespace, scope, credential fingerprint and key parts, so
+dict order never matters and two tenants, or two API keys, never read each other's entries. Secrets never
+appear in keys: pass :func:`fingerprint` of a credential.
+
+Values are stored as bytes made by a :class:`Serializer`, JSON by default. Pickle is never used: a pickle cache
+shared between processes turns a writable cache into remote code execution (LangGraph CVE-2026-27794; cashews
+defaults to pickle on Redis). To cache objects JSON cannot hold (an SDK's pydantic response), pass ``encode`` /
+``decode`` hooks, e.g. ``encode=lambda r: r.model_dump(mode="json")`` and
+``decode=CreateEmbeddingResponse.model_validate``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+
+from .._clock import SYSTEM_CLOCK, Clock
+from .._context import CallContext
+from .._sync import run_in_worker, run_sync
+from ..config import CachePolicy
+from ._cache_store import CacheStore, MemoryCacheStore
+from .pipeline import GuardBase
+
+__all__ = [
+    "Cache",
+    "CachePolicy",
+    "CacheStore",
+    "JsonSerializer",
+    "MemoryCacheStore",
+    "MsgpackSerializer",
+    "Serializer",
+    "cache_key",
+    "cached",
+    "fingerprint",
+]
+
+logger = logging.getLogger("ragguard.cache")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: domain separation for credential fingerprints, so they match no other sha256 of the same secret
+_FINGERPRINT_PREFIX = b"ragguard.credential.v1\x00"
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns a cacheable value into bytes and back. Must not execute code on ``loads`` (so: never pickle)."""
+
+    def dumps(self, obj: Any) -> bytes:
+        """``obj`` as bytes. Raises ``TypeError``/``ValueError`` when it cannot be represented."""
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """The value ``data`` holds. Raises (any ``Exception``) when ``data`` is corrupt."""
+        ...
+
+
+def _canonical(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8 kept, NaN/Infinity refused (they are not JSON)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class JsonSerializer:
+    """Compact, canonical UTF-8 JSON (stdlib :mod:`json`). Tuples come back as lists; NaN is refused."""
+
+    __slots__ = ()
+
+    def dumps(self, obj: Any) -> bytes:
+        return _canonical(obj).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class MsgpackSerializer:
+    """MessagePack (the optional ``msgpack`` package; not a ragguard dependency): smaller and faster than JSON.
+
+    Raises:
+        ImportError: (from the constructor) ``msgpack`` is not installed.
+    """
+
+    __slots__ = ("_msgpack",)
+
+    def __init__(self) -> None:
+        self._msgpack: Any = importlib.import_module("msgpack")
+
+    def dumps(self, obj: Any) -> bytes:
+        return cast(bytes, self._msgpack.packb(obj, use_bin_type=True))
+
+    def loads(self, data: bytes) -> Any:
+        return self._msgpack.unpackb(data, raw=False)
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+
+def fingerprint(secret: str) -> str:
+    """A credential's fingerprint for cache keys: 16 hex digits of sha256 over a fixed prefix and the secret.
+
+    Separates tenants that use different API keys without ever putting a secret in a key.
+    """
+    return hashlib.sha256(_FINGERPRINT_PREFIX + secret.encode()).hexdigest()[:16]
+
+
+def _prefix(namespace: str, scope: str | None) -> str:
+    return f"{namespace}:{'-' if scope is None else scope}:"
+
+
+def cache_key(namespace: str, scope: str | None, credential: str | None, *parts: Any) -> str:
+    """A namespaced, hashed cache key: ``"{namespace}:{scope or '-'}:{sha256 hex}"``.
+
+    The digest covers a canonical JSON (sorted keys, no whitespace) of ``[namespace, scope, credential, parts]``,
+    so dict order is irrelevant and keys with a different scope or credential never collide (a scope of
+    ``"-"`` and no scope differ too). JSON normalises some values: a tuple keys like a list, and a non-string
+    dict key like its string form.
+
+    Args:
+        namespace: e.g. ``"ragguard"`` or ``"openai.embeddings"``.
+        scope: the tenant id, or ``None``.
+        credential: a :func:`fingerprint` of the credential (never the secret itself), or ``None``.
+        *parts: JSON-serialisable parts (model, dimensions, input…).
+
+    Raises:
+        TypeError, ValueError: a part is not JSON-serialisable (or is NaN/infinite).
+    """
+    payload = _canonical([namespace, scope, credential, list(parts)])
+    return _prefix(namespace, scope) + hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- the guard -----------------------------------------------------------------------------------------------
+
+
+class _Miss:
+    __slots__ = ()
+
+
+_MISS = _Miss()
+
+
+def _default_key(ctx: CallContext) -> str | None:
+    extras = ctx.extras
+    return extras.get("cache_key") if extras else None
+
+
+class Cache(GuardBase):
+    """Serve repeated calls from a cache (stage ``cache``, outermost): lookup → hit, or call → fill.
+
+    Per call, ``key(ctx)`` gives the key (default: ``ctx.extras["cache_key"]``); ``None`` bypasses the cache (no
+    lookup, no fill). Keys are stored under ``"{namespace}:{scope or '-'}:"`` (added unless the key already
+    starts with it, as :meth:`key_for` keys do), so every key is tenant-scoped. A hit sets
+    ``ctx.extras["cache_hit"] = True`` (``False`` on a miss). Only successful results are stored, never
+    exceptions; a value the serializer (or ``encode``) cannot handle is returned but not cached (logged at
+    debug). An entry that no longer decodes is deleted and treated as a miss: the cache never raises to the
+    caller because of its content.
+
+    Args:
+        enabled, ttl, max_entries, max_bytes, namespace, scope: see :class:`CachePolicy`
+            (``max_entries``/``max_bytes`` size the default in-memory store only).
+        store: where entries live (default: a :class:`MemoryCacheStore` sized by the policy).
+        serializer: bytes ↔ value (default :class:`JsonSerializer`; never pickle).
+        key: ``key(ctx) -> str | None``, the call's key.
+        encode: ``encode(result) -> JSON-able`` before serialising (e.g. ``lambda r: r.model_dump(mode="json")``).
+        decode: ``decode(JSON-able) -> result`` after loading (e.g. ``Model.model_validate``).
+        clock: the clock of the default store and of contexts :meth:`call` creates.
+
+    Raises:
+        pydantic.ValidationError: (from the constructor) an option is invalid, naming the field.
+    """
+
+    stage: ClassVar[str] = "cache"
+    __slots__ = (
+        "_decode",
+        "_encode",
+        "_hits",
+        "_key",
+        "_misses",
+        "_prefix",
+        "clock",
+        "policy",
+        "serializer",
+        "store",
+    )
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        ttl: float | None = 3600.0,
+        max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
+        namespace: str = "ragguard",
+        scope: str | None = None,
+        store: CacheStore | None = None,
+        serializer: Serializer | None = None,
+        key: Callable[[CallContext], str | None] | None = None,
+        encode: Callable[[Any], Any] | None = None,
+        decode: Callable[[Any], Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        policy = CachePolicy(
+            enabled=enabled,
+            ttl=ttl,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            namespace=namespace,
+            scope=scope,
+        )
+        self.policy = policy
+        self.clock = clock
+        self.store: CacheStore = (
+            store if store is not None else MemoryCacheStore(policy.max_entries, policy.max_bytes, clock=clock)
+        )
+        self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
+        self._key = key if key is not None else _default_key
+        self._encode = encode
+        self._decode = decode
+        self._prefix = _prefix(policy.namespace, policy.scope)
+        self._hits = 0
+        self._misses = 0
+
+    @classmethod
+    def from_policy(cls, section: CachePolicy, **extras: Any) -> Cache:
+        """A cache configured by ``section``; ``extras`` are the non-policy options (``store``, ``key``…)."""
+        return cls(**section.model_dump(), **extras)
+
+    def __repr__(self) -> str:
+        p = self.policy
+        return f"Cache(namespace={p.namespace!r}, scope={p.scope!r}, ttl={p.ttl}, enabled={p.enabled})"
+
+    # stats ---------------------------------------------------------------------------------------------------
+
+    @property
+    def hits(self) -> int:
+        """Lookups that returned a cached value."""
+        return self._hits
+
+    @property
+    def misses(self) -> int:
+        """Lookups that found nothing usable (missing, expired or undecodable)."""
+        return self._misses
+
+    @property
+    def evictions(self) -> int:
+        """Entries the store dropped to respect its bounds (0 when the store does not count them)."""
+        return int(getattr(self.store, "evictions", 0))
+
+    # keys ----------------------------------------------------------------------------------------------------
+
+    def key_for(self, credential: str | None, *parts: Any) -> str:
+        """:func:`cache_key` in this cache's namespace and scope. Raises ``TypeError``/``ValueError`` like it."""
+        return cache_key(self.policy.namespace, self.policy.scope, credential, *parts)
+
+    def _full(self, key: str) -> str:
+        prefix = self._prefix
+        return key if key.startswith(prefix) else prefix + key
+
+    # direct access -------------------------------------------------------------------------------------------
+
+    def _lookup(self, full: str) -> Any:
+        raw = self.store.get(full)
+        if raw is None:
+            self._misses += 1
+            return _MISS
+        try:
+            value = self.serializer.loads(raw)
+            result = self._decode(value) if self._decode is not None else value
+        except Exception:
+            # a corrupt or outdated entry is a miss, and must not be served again
+            logger.debug("ragguard cache: dropping undecodable entry %s", full, exc_info=True)
+            self.store.delete(full)
+            self._misses += 1
+            return _MISS
+        self._hits += 1
+        return result
+
+    def _fill(self, full: str, value: Any, ttl: float | None) -> bool:
+        try:
+            data = self.serializer.dumps(self._encode(value) if self._encode is not None else value)
+        except Exception:
+            logger.debug("ragguard cache: value for %s is not serialisable; not cached", full, exc_info=True)
+            return False
+        return self.store.set(full, data, ttl)
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The cached value under ``key`` (scoped like :meth:`run`'s keys), or ``default``."""
+        found = self._lookup(self._full(key))
+        return default if isinstance(found, _Miss) else found
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: the policy's ttl).
+
+        Returns:
+            whether it was stored (``False``: not serialisable, or larger than the store allows).
+        """
+        return self._fill(self._full(key), value, self.policy.ttl if ttl is None else ttl)
+
+    def invalidate(self, prefix: str = "") -> int:
+        """Delete this cache's entries whose key starts with ``prefix`` (default: all of its namespace and scope).
+
+        Returns:
+            how many entries were deleted.
+        """
+        return self.store.delete_prefix(self._full(prefix))
+
+    # the guard -----------------------------------------------------------------------------------------------
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        """Return the cached result of the call's key, or run ``call`` and cache what it returns.
+
+        Raises:
+            Whatever ``call`` raises (never cached).
+        """
+        if not self.policy.enabled:
+            return await call()
+        key = self._key(ctx)
+        if key is None:
+            return await call()
+        full = self._full(key)
+        found = self._lookup(full)
+        extras = ctx.extras
+        if extras is None:
+            extras = ctx.extras = {}
+        if not isinstance(found, _Miss):
+            extras["cache_hit"] = True
+            return cast(T, found)
+        extras["cache_hit"] = False
+        result = await call()
+        self._fill(full, result, self.policy.ttl)
+        return result
+
+
+# --- decorator -----------------------------------------------------------------------------------------------
+
+
+def cached(
+    *,
+    ttl: float | None = 3600.0,
+    key: Callable[..., str | None] | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Cache the results of the decorated function (async or sync) in a :class:`Cache` of its own.
+
+    The default key is :func:`cache_key` over the function's qualified name and a canonical JSON of its
+    positional and keyword arguments. A call whose arguments are not JSON-serialisable bypasses the cache (it
+    runs, uncached, logged at debug); so does a call for which a custom ``key(*args, **kwargs)`` returns
+    ``None``. Results must be JSON-serialisable (or use ``encode``/``decode``), otherwise they are returned but
+    not cached. Sync functions run on the same async core as the other decorators (see
+    :func:`ragguard.decorators.guarded`). The wrapper's ``.cache`` attribute is the :class:`Cache`, e.g. for
+    ``wrapper.cache.invalidate()``.
+
+    Args:
+        ttl: seconds an entry lives (``None``: no expiry).
+        key: ``key(*args, **kwargs) -> str | None``, the call's key (scoped by the cache's namespace and scope).
+        **options: other :class:`Cache` options (``namespace``, ``scope``, ``store``, ``encode``, ``clock``…).
+
+    Raises:
+        pydantic.ValidationError: an option is invalid (raised when decorating, naming the field).
+    """
+    Cache(ttl=ttl, **options)  # validate now, at decoration time
+
+    def apply(fn: F) -> F:
+        guard = Cache(ttl=ttl, **options)
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+        def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+            if key is not None:
+                return key(*args, **kwargs)
+            try:
+                return guard.key_for(None, "call", name, list(args), kwargs)
+            except (TypeError, ValueError):
+                logger.debug("ragguard cache: arguments of %s are not JSON-serialisable; bypassing", name)
+                return None
+
+        def context(call_key: str) -> CallContext:
+            ctx = CallContext(clock=guard.clock)
+            ctx.extras = {"cache_key": call_key}
+            return ctx
+
+        wrapper: Callable[..., Any]
+        if inspect.iscoroutinefunction(fn):
+            afn = cast(Callable[..., Awaitable[Any]], fn)
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                call_key = key_of(args, kwargs)
+                if call_key is None:
+                    return await afn(*args, **kwargs)
+                return await guard.run(lambda: afn(*args, **kwargs), context(call_key))
+
+            wrapper = async_wrapper
+        else:
+
+            @functools.wraps(fn)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                call_key = key_of(args, kwargs)
+                if call_key is None:
+                    return fn(*args, **kwargs)
+                ctx = context(call_key)
+                return run_sync(lambda: guard.run(lambda: run_in_worker(fn, *args, **kwargs), ctx))
+
+            wrapper = sync_wrapper
+        setattr(wrapper, "cache", guard)  # noqa: B010 - the public handle for invalidation
+        return cast(F, wrapper)
+
+    return apply
