@@ -65,6 +65,7 @@ from .guards.cache import (
     cached,
     fingerprint,
 )
+from .guards.coalesce import CoalescePolicy, Coalescer, coalesce
 from .guards.limiter import RateLimiter
 from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
 from .guards.retry import Retry, RetryEvent, backoff_delays
@@ -91,6 +92,8 @@ __all__ = [
     "CircuitOpenError",
     "Classifier",
     "Clock",
+    "CoalescePolicy",
+    "Coalescer",
     "ConcurrencyLimit",
     "ConcurrencyPolicy",
     "ConfigError",
@@ -129,6 +132,7 @@ __all__ = [
     "cached",
     "circuit_breaker",
     "classify_exception",
+    "coalesce",
     "concurrency_limit",
     "default_backend",
     "default_estimator",

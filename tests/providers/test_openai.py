@@ -270,3 +270,56 @@ def _sync_calls(client: OpenAI) -> None:
 def test_unknown_client_is_a_config_error() -> None:
     with pytest.raises(ragguard.ConfigError, match="does not know"):
         ragguard.guard(object())
+
+
+@pytest.mark.anyio
+async def test_concurrent_embeddings_are_micro_batched(aclient: Any) -> None:
+    with sim_with(rpm=None, tpm=None) as served:
+        client = aclient(served, policy(batching={"enabled": True, "max_wait": 0.02}))
+        raw = AsyncOpenAI(base_url=served.base_url, api_key=KEY, max_retries=0)
+        texts = [f"question number {i}" for i in range(5000)]
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await client.embeddings.create(model="text-embedding-3-small", input=texts[i])
+
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5000):
+                tg.start_soon(one, i)
+        stats = served.stats()
+        assert stats.requests_total <= -(-5000 // 2048) + 2
+        assert stats.responses_by_status == {200: stats.requests_total}
+        for i in (0, 1, 2047, 2048, 4999):
+            reply = results[i]
+            assert isinstance(reply, openai.types.CreateEmbeddingResponse)
+            assert [d.index for d in reply.data] == [0]
+            expected = await raw.embeddings.create(model="text-embedding-3-small", input=texts[i])
+            assert reply.data[0].embedding == expected.data[0].embedding
+            assert reply.usage.prompt_tokens >= 1
+        await raw.close()
+
+
+@pytest.mark.anyio
+async def test_one_bad_input_fails_only_its_caller(aclient: Any) -> None:
+    with sim_with(rpm=None, tpm=None) as served:
+        client = aclient(served, policy(batching={"enabled": True, "max_wait": 0.05}))
+        outcomes: dict[int, Any] = {}
+        too_long = "word " * 10_000  # > 8,192 tokens in one input: OpenAI's 400
+
+        async def one(i: int, text: str) -> None:
+            try:
+                outcomes[i] = await client.embeddings.create(model="text-embedding-3-small", input=[text, f"ok {i}"])
+            except openai.BadRequestError as exc:
+                outcomes[i] = exc
+
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+            for i in range(16):
+                tg.start_soon(one, i, too_long if i == 5 else f"text {i}")
+        assert isinstance(outcomes[5], openai.BadRequestError)
+        for i in range(16):
+            if i != 5:
+                assert len(outcomes[i].data) == 2

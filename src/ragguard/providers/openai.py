@@ -37,7 +37,8 @@ from .._sync import run_in_worker, run_sync
 from .._tokens import TokenEstimator, estimate_chat_tokens, estimate_text_tokens, heuristic_estimator
 from ..backends.memory import MemoryBackend, default_backend
 from ..config import Policy
-from ..errors import StreamInterrupted
+from ..errors import RagGuardError, StreamInterrupted
+from ..guards.batch import MicroBatcher
 from ..guards.breaker import CircuitBreaker
 from ..guards.bulkhead import ConcurrencyLimit
 from ..guards.limiter import RateLimiter
@@ -49,6 +50,9 @@ from ._proxy import AttributeProxy
 __all__ = ["GuardedOpenAIClient", "OpenAIGuard", "classify_openai", "guard_openai", "is_openai_client"]
 
 #: the endpoints that go through the pipeline, as attribute paths from the client
+#: the embeddings arguments the micro-batcher understands (anything else goes unbatched)
+_BATCHABLE = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
+
 _GUARDED = {
     "embeddings": ("embeddings",),
     "chat.completions": ("chat", "completions"),
@@ -267,6 +271,16 @@ class OpenAIGuard:
         self.clock = clock
         self.scope = _credential_scope(client)
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        #: cross-caller micro-batching of embeddings inputs (async clients)
+        self.batcher: MicroBatcher[str, tuple[Any, float]] | None = None
+        if policy.batching.enabled and isinstance(client, openai.AsyncOpenAI):
+            self.batcher = MicroBatcher.from_policy(
+                policy.batching,
+                self._dispatch_embeddings,
+                cost=lambda text: float(estimator(text)),
+                is_item_error=lambda exc: isinstance(exc, openai.BadRequestError),
+                clock=clock,
+            )
 
     def pipeline(self, endpoint: str, model: str) -> Pipeline:
         """The pipeline for one endpoint and model (built once, shared by every call)."""
@@ -355,6 +369,52 @@ class OpenAIGuard:
 
         return await pipeline.run(attempt, ctx)
 
+    async def _dispatch_embeddings(self, key: Any, texts: list[str]) -> list[tuple[Any, float]]:
+        """One upstream embeddings request for a batch; each text's vector and its share of ``usage``."""
+        model, dimensions, encoding_format, user = key
+        kwargs: dict[str, Any] = {"model": model, "input": texts}
+        for name, value in (("dimensions", dimensions), ("encoding_format", encoding_format), ("user", user)):
+            if value is not None:
+                kwargs[name] = value
+        response = await self.acreate("embeddings", kwargs)
+        vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+        if len(vectors) != len(texts):
+            raise RagGuardError(f"the provider returned {len(vectors)} embeddings for {len(texts)} inputs")
+        estimates = [max(1, self.estimator(text)) for text in texts]
+        total = sum(estimates)
+        prompt = float(response.usage.prompt_tokens) if response.usage is not None else float(total)
+        return [(vector, prompt * estimate / total) for vector, estimate in zip(vectors, estimates, strict=True)]
+
+    async def aembed(self, kwargs: dict[str, Any]) -> Any:
+        """``embeddings.create`` through the micro-batcher: this caller's inputs share upstream requests with
+        concurrent callers' (same model, dimensions, encoding and user); the response is rebuilt per caller."""
+        batcher = self.batcher
+        inputs = kwargs.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if (
+            batcher is None
+            or not isinstance(texts, list)
+            or not texts
+            or not all(isinstance(text, str) and text for text in texts)
+            or not set(kwargs) <= _BATCHABLE
+            or not isinstance(kwargs.get("model"), str)
+        ):
+            return await self.acreate("embeddings", kwargs)  # token arrays, extra options, empty input: as is
+        key = (kwargs["model"], kwargs.get("dimensions"), kwargs.get("encoding_format"), kwargs.get("user"))
+        results = await batcher.submit(key, texts)
+        tokens = round(sum(share for _, share in results))
+        # the vectors were validated when the batch's response was parsed: construct, don't re-validate
+        usage = openai.types.create_embedding_response.Usage.model_construct(prompt_tokens=tokens, total_tokens=tokens)
+        return openai.types.CreateEmbeddingResponse.model_construct(
+            data=[
+                openai.types.Embedding.model_construct(embedding=vector, index=index, object="embedding")
+                for index, (vector, _) in enumerate(results)
+            ],
+            model=kwargs["model"],
+            object="list",
+            usage=usage,
+        )
+
     def create(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
         """``<endpoint>.create(**kwargs)`` through the pipeline (sync clients, via the sync bridge)."""
         pipeline, ctx, cost = self._prepare(endpoint, kwargs)
@@ -406,6 +466,14 @@ class GuardedOpenAIClient(AttributeProxy):
 
 
 def _async_method(core: OpenAIGuard, endpoint: str) -> Callable[..., Any]:
+    if endpoint == "embeddings":
+
+        async def embed(**kwargs: Any) -> Any:
+            return await core.aembed(kwargs)
+
+        embed.__doc__ = "Guarded, micro-batched ``embeddings.create``: same arguments and return type as the SDK's."
+        return embed
+
     async def create(**kwargs: Any) -> Any:
         return await core.acreate(endpoint, kwargs)
 
