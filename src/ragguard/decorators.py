@@ -47,13 +47,21 @@ def _context_factory(guard: Guard) -> Callable[[], CallContext]:
     return lambda: CallContext(clock=clock, classify=classify)
 
 
-def guarded(guard: Guard, fn: F, *, tokens: Callable[..., float] | None = None) -> F:
+def guarded(
+    guard: Guard,
+    fn: F,
+    *,
+    tokens: Callable[..., float] | None = None,
+    extras: Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]] | None = None,
+) -> F:
     """Wrap ``fn`` (sync or async) so every call runs under ``guard``; keeps its name, docstring and signature.
 
     Args:
         guard: any guard or :class:`~ragguard.Pipeline`.
         fn: the function to wrap.
         tokens: optional ``tokens(*args, **kwargs) -> float``, the call's token cost for a tokens-per-minute limit.
+        extras: optional ``extras(args, kwargs) -> dict``, per-call data for the guards (``ctx.extras``), e.g. the
+            key of a cache or coalescer.
     """
 
     make_context = _context_factory(guard)
@@ -62,6 +70,8 @@ def guarded(guard: Guard, fn: F, *, tokens: Callable[..., float] | None = None) 
         ctx = make_context()
         if tokens is not None:
             ctx.tokens = float(tokens(*args, **kwargs))
+        if extras is not None:
+            ctx.extras = extras(args, kwargs)
         return ctx
 
     if inspect.iscoroutinefunction(fn):
@@ -81,7 +91,8 @@ def guarded(guard: Guard, fn: F, *, tokens: Callable[..., float] | None = None) 
     return cast(F, sync_wrapper)
 
 
-def _name_of(fn: Callable[..., Any]) -> str:
+def qualified_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function: the default name of its breaker, and part of its cache/coalesce keys."""
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
@@ -123,7 +134,7 @@ def circuit_breaker(name: str | None = None, **options: Any) -> Callable[[F], F]
     """
 
     def apply(f: F) -> F:
-        return guarded(CircuitBreaker(name or _name_of(f), **options), f)
+        return guarded(CircuitBreaker(name or qualified_name(f), **options), f)
 
     return apply
 

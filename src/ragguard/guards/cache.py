@@ -17,10 +17,8 @@ defaults to pickle on Redis). To cache objects JSON cannot hold (an SDK's pydant
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
-import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,7 +26,6 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
-from .._sync import run_in_worker, run_sync
 from ..config import CachePolicy
 from ._cache_store import CacheStore, MemoryCacheStore
 from .pipeline import GuardBase
@@ -372,8 +369,10 @@ def cached(
     Cache(ttl=ttl, **options)  # validate now, at decoration time
 
     def apply(fn: F) -> F:
+        from ..decorators import guarded, qualified_name  # the decorators module imports the guards
+
         guard = Cache(ttl=ttl, **options)
-        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        name = qualified_name(fn)
 
         def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
             if key is not None:
@@ -384,35 +383,9 @@ def cached(
                 logger.debug("ragguard cache: arguments of %s are not JSON-serialisable; bypassing", name)
                 return None
 
-        def context(call_key: str) -> CallContext:
-            ctx = CallContext(clock=guard.clock)
-            ctx.extras = {"cache_key": call_key}
-            return ctx
-
-        wrapper: Callable[..., Any]
-        if inspect.iscoroutinefunction(fn):
-            afn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                call_key = key_of(args, kwargs)
-                if call_key is None:
-                    return await afn(*args, **kwargs)
-                return await guard.run(lambda: afn(*args, **kwargs), context(call_key))
-
-            wrapper = async_wrapper
-        else:
-
-            @functools.wraps(fn)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                call_key = key_of(args, kwargs)
-                if call_key is None:
-                    return fn(*args, **kwargs)
-                ctx = context(call_key)
-                return run_sync(lambda: guard.run(lambda: run_in_worker(fn, *args, **kwargs), ctx))
-
-            wrapper = sync_wrapper
+        # a None key makes the Cache guard a pass-through for that call
+        wrapper = guarded(guard, fn, extras=lambda args, kwargs: {"cache_key": key_of(args, kwargs)})
         setattr(wrapper, "cache", guard)  # noqa: B010 - the public handle for invalidation
-        return cast(F, wrapper)
+        return wrapper
 
     return apply

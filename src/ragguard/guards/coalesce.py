@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -45,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
-from .._sync import run_in_worker, run_sync
 from .pipeline import GuardBase
 
 __all__ = ["CoalescePolicy", "Coalescer", "coalesce"]
@@ -285,29 +283,14 @@ def coalesce(
     shared = coalescer if coalescer is not None else Coalescer(**options)  # validates now, when decorating
 
     def apply(fn: F) -> F:
+        from ..decorators import guarded, qualified_name  # the decorators module imports the guards
+
         guard = shared if coalescer is not None else Coalescer(**options)
-        clock = guard.clock
-        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        name = qualified_name(fn)
 
-        def context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallContext:
-            ctx = CallContext(clock=clock)
-            ctx.extras = {KEY_EXTRA: key(*args, **kwargs) if key is not None else _default_key(name, args, kwargs)}
-            return ctx
+        def extras(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+            return {KEY_EXTRA: key(*args, **kwargs) if key is not None else _default_key(name, args, kwargs)}
 
-        if inspect.iscoroutinefunction(fn):
-            afn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await guard.run(lambda: afn(*args, **kwargs), context(args, kwargs))
-
-            return cast(F, async_wrapper)
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = context(args, kwargs)
-            return run_sync(lambda: guard.run(lambda: run_in_worker(fn, *args, **kwargs), ctx))
-
-        return cast(F, sync_wrapper)
+        return guarded(guard, fn, extras=extras)
 
     return apply
