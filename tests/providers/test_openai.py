@@ -275,7 +275,12 @@ def test_unknown_client_is_a_config_error() -> None:
 @pytest.mark.anyio
 async def test_concurrent_embeddings_are_micro_batched(aclient: Any) -> None:
     with sim_with(rpm=None, tpm=None) as served:
-        client = aclient(served, policy(batching={"enabled": True, "max_wait": 0.02}))
+        # one batch answers 2,048 inputs with 1,536 floats each: its simulation and parsing take seconds on a busy
+        # 2-core machine, so the attempt timeout must not turn it into retries (which the bound would count)
+        client = aclient(
+            served,
+            policy(batching={"enabled": True, "max_wait": 0.02}, timeout={"attempt": 60.0, "total": 120.0}),
+        )
         raw = AsyncOpenAI(base_url=served.base_url, api_key=KEY, max_retries=0)
         texts = [f"question number {i}" for i in range(5000)]
         results: dict[int, Any] = {}

@@ -403,16 +403,16 @@ class OpenAIGuard:
         key = (kwargs["model"], kwargs.get("dimensions"), kwargs.get("encoding_format"), kwargs.get("user"))
         results = await batcher.submit(key, texts)
         tokens = round(sum(share for _, share in results))
-        # the vectors were validated when the batch's response was parsed: construct, don't re-validate
-        usage = openai.types.create_embedding_response.Usage.model_construct(prompt_tokens=tokens, total_tokens=tokens)
-        return openai.types.CreateEmbeddingResponse.model_construct(
+        # plain constructors: the SDK's model_construct walks every float (≈ 2.6 ms per 1,536-float vector,
+        # 180× slower than validating)
+        return openai.types.CreateEmbeddingResponse(
             data=[
-                openai.types.Embedding.model_construct(embedding=vector, index=index, object="embedding")
+                openai.types.Embedding(embedding=vector, index=index, object="embedding")
                 for index, (vector, _) in enumerate(results)
             ],
             model=kwargs["model"],
             object="list",
-            usage=usage,
+            usage=openai.types.create_embedding_response.Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
     def create(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
