@@ -14,6 +14,7 @@ Three ways in::
 
 from __future__ import annotations
 
+from ._call_options import CallOptions, call_options
 from ._clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock, is_testing, set_testing
 from ._context import CallContext
 from ._guard import guard
@@ -31,11 +32,13 @@ from .config import (
     BatchingPolicy,
     BreakerPolicy,
     CachePolicy,
+    CoalescePolicy,
     ConcurrencyPolicy,
     JitterKind,
     Policy,
     RateLimitPolicy,
     RetryPolicy,
+    SemanticCachePolicy,
     TimeoutPolicy,
 )
 from .decorators import circuit_breaker, concurrency_limit, guarded, rate_limit, retry, timeout
@@ -65,10 +68,11 @@ from .guards.cache import (
     cached,
     fingerprint,
 )
-from .guards.coalesce import CoalescePolicy, Coalescer, coalesce
+from .guards.coalesce import Coalescer, coalesce
 from .guards.limiter import RateLimiter
 from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
 from .guards.retry import Retry, RetryEvent, backoff_delays
+from .guards.semantic import InMemoryVectorIndex, VectorIndex, cosine_distance
 from .guards.timeout import Deadline, Timeout
 
 __version__ = "0.1.0"
@@ -88,6 +92,7 @@ __all__ = [
     "CachePolicy",
     "CacheStore",
     "CallContext",
+    "CallOptions",
     "CircuitBreaker",
     "CircuitOpenError",
     "Classifier",
@@ -101,6 +106,7 @@ __all__ = [
     "DeadlineExceeded",
     "Guard",
     "GuardBase",
+    "InMemoryVectorIndex",
     "JitterKind",
     "JsonSerializer",
     "ManualClock",
@@ -120,20 +126,24 @@ __all__ = [
     "RetryEvent",
     "RetryExhausted",
     "RetryPolicy",
+    "SemanticCachePolicy",
     "Serializer",
     "StreamInterrupted",
     "SystemClock",
     "Timeout",
     "TimeoutPolicy",
     "TokenEstimator",
+    "VectorIndex",
     "__version__",
     "backoff_delays",
     "cache_key",
     "cached",
+    "call_options",
     "circuit_breaker",
     "classify_exception",
     "coalesce",
     "concurrency_limit",
+    "cosine_distance",
     "default_backend",
     "default_estimator",
     "fingerprint",

@@ -23,11 +23,13 @@ __all__ = [
     "BatchingPolicy",
     "BreakerPolicy",
     "CachePolicy",
+    "CoalescePolicy",
     "ConcurrencyPolicy",
     "JitterKind",
     "Policy",
     "RateLimitPolicy",
     "RetryPolicy",
+    "SemanticCachePolicy",
     "TimeoutPolicy",
 ]
 
@@ -166,16 +168,44 @@ class BatchingPolicy(_Section):
     max_in_flight: int = Field(default=8, ge=1)
 
 
-class CachePolicy(_Section):
-    """Settings of a :class:`Cache`.
+class SemanticCachePolicy(_Section):
+    """The semantic response cache (opt-in): reuse a cached chat answer for a prompt that *means* the same.
+
+    A new prompt's embedding is compared with the cached prompts' embeddings of the same model, parameters and
+    scope; the nearest within ``max_distance`` (cosine distance, ``1 - cos θ``) is served, marked as a semantic
+    hit. Unsafe when answers depend on exact wording (numbers, names, negations: "can I" vs "can't I"), so it
+    is off by default and its threshold is strict.
 
     Attributes:
-        enabled: whether the cache is used at all (``False``: every call passes through).
+        enabled: use it (``False`` by default).
+        max_distance: largest cosine distance counted as the same prompt (``(0, 1]``; 0.05 ≈ near-paraphrases).
+        embedding_model: the embeddings model the prompts are embedded with (through the guarded client, so the
+            embedding cache and the rate limits apply).
+        max_entries: most prompts the in-process index keeps per model and parameter set (oldest dropped first).
+    """
+
+    enabled: bool = False
+    max_distance: float = Field(default=0.05, gt=0, le=1)
+    embedding_model: str = Field(default="text-embedding-3-small", min_length=1)
+    max_entries: int = Field(default=2_000, ge=1)
+
+
+class CachePolicy(_Section):
+    """Settings of a :class:`Cache`, and of the cache layers of a guarded client.
+
+    Attributes:
+        enabled: whether caches are used at all (``False``: every call passes through).
         ttl: seconds an entry lives (``> 0``); ``None``: no expiry (still bounded by LRU eviction).
         max_entries: most entries the in-memory store holds (``>= 1``).
         max_bytes: most bytes of serialised values the in-memory store holds (``>= 1``; default 64 MiB).
         namespace: the first part of every key (non-empty); :meth:`Cache.invalidate` clears one at once.
         scope: an app-supplied tenant id added to every key, so tenants never share entries.
+        embeddings: guarded clients cache embeddings per input (key: model, dimensions, encoding, sha256 of the
+            text, credential fingerprint, scope), so a request whose inputs are partly cached sends only the rest.
+        responses: guarded clients' exact-match cache of chat completions and responses: ``"deterministic"``
+            (default) caches only requests with ``temperature == 0``; ``"all"`` caches any non-streamed request
+            (a repeated prompt then gets the same sample); ``"off"`` never. Streams and errors are never cached.
+        semantic: the opt-in semantic cache, see :class:`SemanticCachePolicy`.
     """
 
     enabled: bool = True
@@ -184,6 +214,30 @@ class CachePolicy(_Section):
     max_bytes: int = Field(default=64 * 2**20, ge=1)
     namespace: str = Field(default="ragguard", min_length=1)
     scope: str | None = None
+    embeddings: bool = True
+    responses: Literal["deterministic", "all", "off"] = "deterministic"
+    semantic: SemanticCachePolicy = SemanticCachePolicy()
+
+
+class CoalescePolicy(_Section):
+    """Request coalescing (single-flight) settings.
+
+    Attributes:
+        enabled: ``False`` turns coalescing off (every call runs on its own).
+        max_keys: most keys tracked in flight at once (``>= 1``); a call with a new key beyond it runs
+            uncoalesced, so a flood of distinct keys cannot grow the map without bound.
+        embeddings: guarded clients share one upstream call among identical concurrent ``embeddings.create``
+            requests (same credential, same arguments).
+        completions: guarded clients do the same for chat completions and responses, for deterministic requests
+            only (``temperature == 0``) or those given a key with :func:`ragguard.call_options`. Off by default:
+            identical concurrent prompts then get one shared answer. (With the response cache on, a miss for a
+            request being fetched already waits for that fetch anyway: stampede protection.)
+    """
+
+    enabled: bool = True
+    max_keys: int = Field(default=100_000, ge=1)
+    embeddings: bool = True
+    completions: bool = False
 
 
 # --- serialisation -------------------------------------------------------------------------------------------
@@ -211,5 +265,5 @@ class Policy(BaseSettings):
     #: demo it cuts upstream requests from 2,000 to 1,001 with no 429, but every user's next call waits for the
     #: one big batch, so wall time rises from ≈ 1.14× to ≈ 1.25× the quota's minimum.
     batching: BatchingPolicy = BatchingPolicy(enabled=False)
-    # CachePolicy configures Cache; it joins Policy when the guarded clients use it (issue 3), so no section
-    # here promises behaviour that guard() does not deliver yet.
+    cache: CachePolicy = CachePolicy()
+    coalesce: CoalescePolicy = CoalescePolicy()

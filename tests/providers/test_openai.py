@@ -29,6 +29,10 @@ def policy(**sections: Any) -> ragguard.Policy:
         "retry": {"attempts": 6, "base": 0.01, "cap": 0.05},
         "breaker": {"failure_threshold": 50, "min_calls": 20, "failure_rate": 0.9},
         "timeout": {"attempt": 5.0, "total": 30.0},
+        # these tests count upstream attempts of repeated identical calls: the call-saving layers (tested in
+        # test_openai_caching.py) would answer them without going upstream
+        "cache": {"enabled": False},
+        "coalesce": {"enabled": False},
     }
     base.update(sections)
     return ragguard.Policy(**base)

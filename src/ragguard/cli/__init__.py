@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="provider faults: none or flaky (5xx, drops, stalls)",
     )
+    demo.add_argument(
+        "--repeat-share",
+        type=float,
+        default=0.5,
+        help="share of users asking a popular question word for word (0-1, default 0.5); the rest ask their own",
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed for the simulator and the scenario")
     demo.add_argument(
         "--modes",
@@ -62,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rpm=args.rpm,
             tpm=args.tpm,
             faults=args.faults,
+            repeat_share=args.repeat_share,
             seed=args.seed,
             modes=modes,
         )

@@ -1,9 +1,10 @@
 """``ragguard demo``: the Monday-morning scenario, naive vs sdk-default vs guarded, on real HTTP.
 
 A RAG app that worked on Friday meets N users at once. Each user embeds a question and asks a chat completion
-with retrieved context, through the real ``openai`` SDK, against :class:`ragguard.testing.OpenAISimulator`
-served on loopback in a child process (so the load and the provider use different cores), enforcing an
-OpenAI-style quota (requests and tokens per minute, per model, with a one-second burst).
+(``temperature=0``, as support bots do) with retrieved context, through the real ``openai`` SDK, against
+:class:`ragguard.testing.OpenAISimulator` served on loopback in a child process (so the load and the provider use
+different cores), enforcing an OpenAI-style quota (requests and tokens per minute, per model, with a one-second
+burst). Half the users ask a popular question word for word (``repeat_share``), as FAQ traffic does.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _CONTEXT = (
     "The team plan includes ten seats; more seats can be added at any time from the billing page."
 )
 _SYSTEM = "You are a helpful support assistant. Answer only from the context. Be brief."
+#: how the popular questions are worded by different users (the same text, asked again and again)
+_ASIDES = ("", " Thanks!", " Asking for my team.", " This is urgent.", " Sorry if this was asked before.")
 
 
 class DemoOptions(BaseModel):
@@ -58,6 +61,9 @@ class DemoOptions(BaseModel):
     #: provider quota per model, tokens per minute
     tpm: float = Field(default=4_000_000, gt=0)
     faults: Literal["none", "flaky"] = "none"
+    #: share of users asking one of the popular questions (asked word for word by several users, as FAQ traffic
+    #: is); the others ask a question of their own
+    repeat_share: float = Field(default=0.5, ge=0, le=1)
     seed: int = 7
     modes: tuple[str, ...] = MODES
 
@@ -99,7 +105,12 @@ class DemoReport(BaseModel):
     modes: list[ModeResult]
 
 
-def _question(user: int) -> str:
+def _question(user: int, repeat_share: float = 0.5) -> str:
+    """User ``user``'s question: one of the popular ones (``repeat_share`` of users, spread evenly) or their own."""
+    popular = len(_QUESTIONS) * len(_ASIDES)
+    if math.floor((user + 1) * repeat_share) > math.floor(user * repeat_share):
+        pick = user % popular
+        return _QUESTIONS[pick % len(_QUESTIONS)] + _ASIDES[pick // len(_QUESTIONS)]
     return f"{_QUESTIONS[user % len(_QUESTIONS)]} (ticket {user})"
 
 
@@ -132,10 +143,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _user_costs(users: int) -> tuple[float, float]:
-    """Tokens all users need at the provider: embeddings bucket, chat bucket (charged as OpenAI does)."""
-    embed = sum(estimate_text_tokens(_question(u)) for u in range(users))
-    chat = sum(estimate_chat_tokens(_messages(_question(u))) + MAX_TOKENS for u in range(users))
+def _user_costs(options: DemoOptions) -> tuple[float, float]:
+    """Tokens all users need at the provider if each is sent: embeddings bucket, chat bucket (charged as OpenAI
+    does)."""
+    questions = [_question(u, options.repeat_share) for u in range(options.users)]
+    embed = sum(estimate_text_tokens(q) for q in questions)
+    chat = sum(estimate_chat_tokens(_messages(q)) + MAX_TOKENS for q in questions)
     return float(embed), float(chat)
 
 
@@ -156,10 +169,9 @@ def theoretical_min_s(
     return max(0.0, need)
 
 
-async def _one_user(user: int, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]) -> None:
-    question = _question(user)
+async def _one_user(question: str, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]) -> None:
     await embed(model=EMBED_MODEL, input=question)
-    await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS)
+    await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS, temperature=0)
 
 
 async def _run_mode(
@@ -197,7 +209,7 @@ async def _run_mode(
     async def user_task(user: int) -> None:
         t0 = time.perf_counter()
         try:
-            await _one_user(user, embed, chat)
+            await _one_user(_question(user, options.repeat_share), embed, chat)
         except Exception as exc:
             name = type(exc).__name__
             errors[name] = errors.get(name, 0) + 1
@@ -253,7 +265,7 @@ async def run_demo(
 
     simulator = _simulator(options)
     burst_s = float(simulator.config.burst_seconds)
-    embed_need, chat_need = _user_costs(options.users)
+    embed_need, chat_need = _user_costs(options)
     # the quota's users per second: each user needs one request and some tokens in each model's buckets
     quota_users_per_s = min(
         options.rpm / 60,

@@ -24,10 +24,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
+from pydantic import BaseModel
+
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import CachePolicy
 from ._cache_store import CacheStore, MemoryCacheStore
+from .coalesce import FOLLOWER_EXTRA
 from .pipeline import GuardBase
 
 __all__ = [
@@ -65,9 +68,17 @@ class Serializer(Protocol):
         ...
 
 
-def _canonical(obj: Any) -> str:
+def _canonical(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
     """Canonical JSON: sorted keys, no whitespace, UTF-8 kept, NaN/Infinity refused (they are not JSON)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=default)
+
+
+def _key_part(obj: Any) -> Any:
+    """How a key part JSON cannot hold is keyed: a pydantic model by its JSON dump (e.g. an SDK message passed
+    back into a conversation); anything else is refused."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json", exclude_unset=True)
+    raise TypeError(f"{type(obj).__name__} cannot be part of a cache key")
 
 
 class JsonSerializer:
@@ -122,7 +133,7 @@ def cache_key(namespace: str, scope: str | None, credential: str | None, *parts:
     The digest covers a canonical JSON (sorted keys, no whitespace) of ``[namespace, scope, credential, parts]``,
     so dict order is irrelevant and keys with a different scope or credential never collide (a scope of
     ``"-"`` and no scope differ too). JSON normalises some values: a tuple keys like a list, and a non-string
-    dict key like its string form.
+    dict key like its string form; a pydantic model keys like its JSON dump (fields it was given).
 
     Args:
         namespace: e.g. ``"ragguard"`` or ``"openai.embeddings"``.
@@ -133,7 +144,7 @@ def cache_key(namespace: str, scope: str | None, credential: str | None, *parts:
     Raises:
         TypeError, ValueError: a part is not JSON-serialisable (or is NaN/infinite).
     """
-    payload = _canonical([namespace, scope, credential, list(parts)])
+    payload = _canonical([namespace, scope, credential, list(parts)], _key_part)
     return _prefix(namespace, scope) + hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -230,8 +241,12 @@ class Cache(GuardBase):
 
     @classmethod
     def from_policy(cls, section: CachePolicy, **extras: Any) -> Cache:
-        """A cache configured by ``section``; ``extras`` are the non-policy options (``store``, ``key``…)."""
-        return cls(**section.model_dump(), **extras)
+        """A cache configured by ``section``; ``extras`` are the non-policy options (``store``, ``key``…).
+
+        Reads the section's store settings (``enabled``, ``ttl``, ``max_entries``, ``max_bytes``, ``namespace``,
+        ``scope``); the layer switches (``embeddings``, ``responses``, ``semantic``) are for guarded clients."""
+        fields = section.model_dump(include={"enabled", "ttl", "max_entries", "max_bytes", "namespace", "scope"})
+        return cls(**fields, **extras)
 
     def __repr__(self) -> str:
         p = self.policy
@@ -266,10 +281,10 @@ class Cache(GuardBase):
 
     # direct access -------------------------------------------------------------------------------------------
 
-    def _lookup(self, full: str) -> Any:
+    def _lookup(self, full: str, record: bool = True) -> Any:
         raw = self.store.get(full)
         if raw is None:
-            self._misses += 1
+            self._misses += record
             return _MISS
         try:
             value = self.serializer.loads(raw)
@@ -278,9 +293,9 @@ class Cache(GuardBase):
             # a corrupt or outdated entry is a miss, and must not be served again
             logger.debug("ragguard cache: dropping undecodable entry %s", full, exc_info=True)
             self.store.delete(full)
-            self._misses += 1
+            self._misses += record
             return _MISS
-        self._hits += 1
+        self._hits += record
         return result
 
     def _fill(self, full: str, value: Any, ttl: float | None) -> bool:
@@ -291,9 +306,12 @@ class Cache(GuardBase):
             return False
         return self.store.set(full, data, ttl)
 
-    async def get(self, key: str, default: Any = None) -> Any:
-        """The cached value under ``key`` (scoped like :meth:`run`'s keys), or ``default``."""
-        found = self._lookup(self._full(key))
+    async def get(self, key: str, default: Any = None, *, record: bool = True) -> Any:
+        """The cached value under ``key`` (scoped like :meth:`run`'s keys), or ``default``.
+
+        ``record=False`` leaves :attr:`hits`/:attr:`misses` alone (a peek whose outcome another lookup counts).
+        """
+        found = self._lookup(self._full(key), record)
         return default if isinstance(found, _Miss) else found
 
     async def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
@@ -335,7 +353,9 @@ class Cache(GuardBase):
             return cast(T, found)
         extras["cache_hit"] = False
         result = await call()
-        self._fill(full, result, self.policy.ttl)
+        # a coalesced follower got the leader's result, which the leader's own Cache.run stores: store once
+        if not extras.get(FOLLOWER_EXTRA):
+            self._fill(full, result, self.policy.ttl)
         return result
 
 

@@ -40,10 +40,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
 
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
+from ..config import CoalescePolicy
 from .pipeline import GuardBase
 
 __all__ = ["CoalescePolicy", "Coalescer", "coalesce"]
@@ -53,21 +53,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: the ``ctx.extras`` entry the default key function reads
 KEY_EXTRA = "coalesce_key"
-
-
-class CoalescePolicy(BaseModel):
-    """Request coalescing (single-flight) settings.
-
-    Attributes:
-        enabled: ``False`` turns coalescing off (every call runs on its own).
-        max_keys: most keys tracked in flight at once (``>= 1``); a call with a new key beyond it runs
-            uncoalesced, so a flood of distinct keys cannot grow the map without bound.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    enabled: bool = True
-    max_keys: int = Field(default=100_000, ge=1)
+#: the ``ctx.extras`` entry set to ``True`` for a follower (a call answered by another caller's flight), so
+#: outer guards can tell, e.g. a :class:`~ragguard.Cache` fills an entry once, from the leader
+FOLLOWER_EXTRA = "coalesced"
 
 
 def _key_from_extras(ctx: CallContext) -> Hashable | None:
@@ -163,8 +151,9 @@ class Coalescer(GuardBase):
         key: Callable[[CallContext], Hashable | None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> Coalescer:
-        """A coalescer with the settings of a :class:`CoalescePolicy` section."""
-        return cls(**policy.model_dump(), key=key, clock=clock)
+        """A coalescer with the settings of a :class:`CoalescePolicy` section (``enabled``, ``max_keys``; the
+        guarded clients read the per-endpoint switches)."""
+        return cls(enabled=policy.enabled, max_keys=policy.max_keys, key=key, clock=clock)
 
     @property
     def in_flight(self) -> int:
@@ -200,7 +189,13 @@ class Coalescer(GuardBase):
                 flight = None  # another thread's (so another loop's) flight: its event is not ours to await
         if flight is None:
             return await call()
-        if leader:
+        if not leader:
+            extras = ctx.extras
+            if extras is None:
+                ctx.extras = {FOLLOWER_EXTRA: True}
+            else:
+                extras[FOLLOWER_EXTRA] = True
+        else:
             try:
                 flight.task = _spawn_detached(functools.partial(self._fly, flight, key, call))
             except BaseException:

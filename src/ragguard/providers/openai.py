@@ -23,12 +23,15 @@ chunk arrives; a stream that breaks later, or ends without its final chunk, rais
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import openai
 
+from .._call_options import CallOptions, current_call_options
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import parse_rate_limit_headers
@@ -41,9 +44,12 @@ from ..errors import RagGuardError, StreamInterrupted
 from ..guards.batch import MicroBatcher
 from ..guards.breaker import CircuitBreaker
 from ..guards.bulkhead import ConcurrencyLimit
+from ..guards.cache import Cache, CacheStore, MemoryCacheStore, cache_key
+from ..guards.coalesce import Coalescer
 from ..guards.limiter import RateLimiter
 from ..guards.pipeline import Guard, Pipeline
 from ..guards.retry import Retry
+from ..guards.semantic import InMemoryVectorIndex, VectorIndex
 from ..guards.timeout import Deadline, Timeout
 from ._proxy import AttributeProxy
 
@@ -246,11 +252,107 @@ def _parsed(ctx: CallContext, cost: _Cost, raw: Any, stream: bool) -> Any:
     return result
 
 
+def _omitted(value: Any) -> bool:
+    """Whether ``value`` is the SDK's "argument not given" sentinel (``NOT_GIVEN`` / ``omit``)."""
+    return isinstance(value, _SENTINELS)
+
+
+_SENTINELS: tuple[type, ...] = tuple(t for t in (getattr(openai, "NotGiven", None), getattr(openai, "Omit", None)) if t)
+#: arguments that change how the SDK sends a request, not what the provider answers: not part of a request's key
+_UNKEYED = frozenset({"timeout", "stream"})
+
+
+def _deterministic(kwargs: dict[str, Any]) -> bool:
+    """A request the provider answers (near) identically every time: ``temperature == 0``."""
+    temperature = kwargs.get("temperature")
+    return isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0
+
+
+def _encode_vector(vector: Any) -> Any:
+    """An embedding as compact JSON: float lists as base64 of float64s (exact), base64 strings as they are."""
+    if isinstance(vector, str):
+        return {"s": vector}
+    return {"d": base64.b64encode(array.array("d", vector).tobytes()).decode("ascii")}
+
+
+def _decode_vector(value: Any) -> Any:
+    if "s" in value:
+        return str(value["s"])
+    floats = array.array("d")
+    floats.frombytes(base64.b64decode(value["d"], validate=True))
+    return floats.tolist()
+
+
+def _prompt_text(kwargs: dict[str, Any]) -> str | None:
+    """The text a semantic cache embeds for a chat request: each message's role and text, one per line."""
+    messages = kwargs.get("messages")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return None
+    lines = []
+    for message in messages:
+        if isinstance(message, dict):
+            role, content = message.get("role"), message.get("content")
+        else:
+            role, content = getattr(message, "role", None), getattr(message, "content", None)
+        if isinstance(content, list):
+            content = " ".join(
+                str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"
+            )
+        if not isinstance(content, str):
+            return None  # tool results, images…: not something a text embedding can stand for
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines)
+
+
+def _embedding_response(vectors: list[Any], model: str, tokens: int) -> Any:
+    # validating constructors: the SDK's model_construct walks every float (≈ 2.6 ms per 1,536-float vector,
+    # 180× slower); a base64 string embedding is only valid unvalidated, as the SDK itself builds it
+    data = [
+        openai.types.Embedding.model_construct(embedding=vector, index=index, object="embedding")
+        if isinstance(vector, str)
+        else openai.types.Embedding(embedding=vector, index=index, object="embedding")
+        for index, vector in enumerate(vectors)
+    ]
+    return openai.types.CreateEmbeddingResponse(
+        data=data,
+        model=model,
+        object="list",
+        usage=openai.types.create_embedding_response.Usage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
+def _texts(inputs: Any) -> list[str] | None:
+    """An embeddings ``input`` as a list of non-empty texts, or ``None`` (token arrays, empty texts…)."""
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if isinstance(texts, list) and texts and all(isinstance(text, str) and text for text in texts):
+        return texts
+    return None
+
+
+class _Missing:
+    __slots__ = ()
+
+
+_MISSING = _Missing()
+_RESPONSE_TYPES: dict[str, Callable[[Any], Any]] = {
+    "chat.completions": openai.types.chat.ChatCompletion.model_validate,
+    "responses": openai.types.responses.Response.model_validate,
+}
+_CACHE_STORE_FIELDS = {"max_entries", "max_bytes"}
+
+
+def _dump(response: Any) -> Any:
+    return response.model_dump(mode="json")
+
+
 class OpenAIGuard:
-    """The shared core of one guarded OpenAI client: pipelines per (endpoint, model), cost rules, attempts.
+    """The shared core of one guarded OpenAI client: pipelines per (endpoint, model), cost rules, attempts,
+    and the call-saving layers (caches, single-flight, micro-batching).
 
     Proxies made by :func:`guard_openai` are thin; their state lives here and in the backend, so every proxy of
-    the same credential shares one rate limit and one breaker per endpoint and model.
+    the same credential shares one rate limit and one breaker per endpoint and model, one cache store and one
+    single-flight table. Sync clients run through the same async core (the sync bridge), attempts in a worker
+    thread.
     """
 
     def __init__(
@@ -263,17 +365,53 @@ class OpenAIGuard:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.client = client
+        self.is_async = isinstance(client, openai.AsyncOpenAI)
         #: the same client with the SDK's own retries switched off: one retry layer, ours
         self.raw = client.with_options(max_retries=0)
         self.policy = policy
         self.backend = backend
         self.estimator = estimator
         self.clock = clock
+        #: the credential's fingerprint (sha256 of endpoint, organisation and key; never the key in clear)
         self.scope = _credential_scope(client)
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
-        #: cross-caller micro-batching of embeddings inputs (async clients)
+        caching = policy.cache
+        self.store: CacheStore | None = None
+        self.embedding_cache: Cache | None = None
+        self.response_caches: dict[str, Cache] = {}
+        self.semantic_index: VectorIndex | None = None
+        #: chat completions answered by the semantic cache (telemetry)
+        self.semantic_hits = 0
+        if caching.enabled:
+            self.store = backend.get_or_create(
+                "cache_store",
+                caching.model_dump_json(include=_CACHE_STORE_FIELDS),
+                lambda: MemoryCacheStore(caching.max_entries, caching.max_bytes, clock=clock),
+            )
+            if caching.embeddings:
+                self.embedding_cache = Cache.from_policy(
+                    caching, store=self.store, encode=_encode_vector, decode=_decode_vector, clock=clock
+                )
+            if caching.responses != "off":
+                self.response_caches = {
+                    endpoint: Cache.from_policy(caching, store=self.store, encode=_dump, decode=decode, clock=clock)
+                    for endpoint, decode in _RESPONSE_TYPES.items()
+                }
+                if caching.semantic.enabled:
+                    semantic = caching.semantic
+                    self.semantic_index = backend.get_or_create(
+                        "semantic_index",
+                        f"openai:{semantic.max_entries}",
+                        lambda: InMemoryVectorIndex(semantic.max_entries),
+                    )
+        coalescing = policy.coalesce
+        #: shared by every guarded OpenAI client of the backend; keys include the credential fingerprint
+        self.coalescer: Coalescer = backend.get_or_create(
+            "coalescer", f"openai:{coalescing.max_keys}", lambda: Coalescer(max_keys=coalescing.max_keys, clock=clock)
+        )
+        #: cross-caller micro-batching of embeddings inputs
         self.batcher: MicroBatcher[str, tuple[Any, float]] | None = None
-        if policy.batching.enabled and isinstance(client, openai.AsyncOpenAI):
+        if policy.batching.enabled:
             self.batcher = MicroBatcher.from_policy(
                 policy.batching,
                 self._dispatch_embeddings,
@@ -281,6 +419,21 @@ class OpenAIGuard:
                 is_item_error=lambda exc: isinstance(exc, openai.BadRequestError),
                 clock=clock,
             )
+
+    def cache_stats(self) -> dict[str, int]:
+        """Counters of the call-saving layers, for telemetry: cache hits, misses and evictions per layer,
+        semantic hits, and single-flight leaders and followers (followers are calls that cost nothing)."""
+        stats: dict[str, int] = {}
+        caches = [("embeddings", self.embedding_cache), *self.response_caches.items()]
+        for name, cache in caches:
+            if cache is not None:
+                stats[f"{name}.hits"] = cache.hits
+                stats[f"{name}.misses"] = cache.misses
+        stats["evictions"] = int(getattr(self.store, "evictions", 0))
+        stats["semantic.hits"] = self.semantic_hits
+        stats["coalesce.leaders"] = self.coalescer.leaders
+        stats["coalesce.followers"] = self.coalescer.followers
+        return stats
 
     def pipeline(self, endpoint: str, model: str) -> Pipeline:
         """The pipeline for one endpoint and model (built once, shared by every call)."""
@@ -292,6 +445,11 @@ class OpenAIGuard:
     def _build(self, endpoint: str, model: str) -> Pipeline:
         policy, backend, clock, scope = self.policy, self.backend, self.clock, self.scope
         guards: list[Guard] = []
+        cache = self.response_caches.get(endpoint)
+        if cache is not None:
+            guards.append(cache)
+        if policy.coalesce.enabled:
+            guards.append(self.coalescer)
         if policy.timeout.total is not None:
             guards.append(Deadline(policy.timeout.total, clock=clock))
         if policy.breaker.enabled:
@@ -329,12 +487,52 @@ class OpenAIGuard:
             guards.append(Timeout(policy.timeout.attempt, clock=clock))
         return Pipeline(*guards, clock=clock, classify=classify_openai)
 
-    def _prepare(self, endpoint: str, kwargs: dict[str, Any]) -> tuple[Pipeline, CallContext, _Cost]:
-        model = kwargs.get("model")
-        pipeline = self.pipeline(endpoint, model if isinstance(model, str) else "")
-        cost = _estimate(endpoint, kwargs, self.estimator)
-        ctx = pipeline.context(tokens=float(cost.reserved), operation=endpoint)
-        return pipeline, ctx, cost
+    # keys ----------------------------------------------------------------------------------------------------
+
+    def _key_scope(self, options: CallOptions) -> str | None:
+        """The tenant scope of a call's keys: ``Policy.cache.scope`` and the call's own, joined."""
+        policy_scope = self.policy.cache.scope
+        if options.scope is None:
+            return policy_scope
+        return options.scope if policy_scope is None else f"{policy_scope}/{options.scope}"
+
+    def _request_key(self, endpoint: str, kwargs: dict[str, Any], scope: str | None) -> str | None:
+        """The key of a request's answer: namespace, scope, credential fingerprint and every argument that
+        shapes the answer, hashed; ``None`` when an argument cannot be keyed (the call then runs unkeyed)."""
+        keyed = {name: value for name, value in kwargs.items() if name not in _UNKEYED and not _omitted(value)}
+        try:
+            return cache_key(self.policy.cache.namespace, scope, self.scope, "openai", endpoint, keyed)
+        except (TypeError, ValueError):
+            return None
+
+    def _keys(self, endpoint: str, kwargs: dict[str, Any], options: CallOptions) -> dict[str, Any] | None:
+        """``ctx.extras`` holding the call's cache and single-flight keys (``None``: neither applies)."""
+        if kwargs.get("stream") is True:
+            return None  # a stream is consumed by one caller, and a partial one must never be cached
+        caching, coalescing = self.policy.cache, self.policy.coalesce
+        if endpoint == "embeddings":
+            cacheable = False
+            coalescable = coalescing.embeddings
+        else:
+            deterministic = _deterministic(kwargs)
+            cacheable = (
+                options.cache and endpoint in self.response_caches and (caching.responses == "all" or deterministic)
+            )
+            # with the cache on, a miss for a request already being fetched waits for it (stampede protection)
+            coalescable = cacheable or (coalescing.completions and (deterministic or options.coalesce_key is not None))
+        if not (coalescing.enabled and coalescable) and not cacheable:
+            return None
+        key = self._request_key(endpoint, kwargs, self._key_scope(options))
+        if key is None:
+            return None
+        extras: dict[str, Any] = {}
+        if cacheable:
+            extras["cache_key"] = key
+        if coalescing.enabled and coalescable:
+            extras["coalesce_key"] = key if options.coalesce_key is None else f"{key}|{options.coalesce_key}"
+        return extras
+
+    # calls ---------------------------------------------------------------------------------------------------
 
     def _raw_create(self, endpoint: str) -> Callable[..., Any]:
         resource: Any = self.raw
@@ -342,86 +540,35 @@ class OpenAIGuard:
             resource = getattr(resource, part)
         return resource.with_raw_response.create  # type: ignore[no-any-return]
 
-    async def acreate(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
-        """``await <endpoint>.create(**kwargs)`` through the pipeline (async clients)."""
-        pipeline, ctx, cost = self._prepare(endpoint, kwargs)
+    def _attempt(self, endpoint: str, kwargs: dict[str, Any], ctx: CallContext, cost: _Cost) -> Callable[[], Any]:
+        """One attempt of the SDK call: parse the raw response, note rate-limit headers and usage, fetch a
+        stream's first chunk (so a stream that fails before it is retried). Sync clients run in a worker."""
         create = self._raw_create(endpoint)
         stream = kwargs.get("stream") is True
+        if self.is_async:
 
-        async def attempt() -> Any:
-            ctx.used_tokens = None
-            try:
-                raw = await create(**kwargs)
-            except Exception as exc:
-                _note_error(ctx, exc)
-                raise
-            result = _parsed(ctx, cost, raw, stream)
-            if not stream:
-                return result
-            try:
-                first = await result._iterator.__anext__()
-            except StopAsyncIteration:
-                first = _EMPTY
-            except BaseException:
-                await result.close()
-                raise
-            return _adopt(type(result), result, _async_rest(result, first))
+            async def attempt() -> Any:
+                ctx.used_tokens = None
+                try:
+                    raw = await create(**kwargs)
+                except Exception as exc:
+                    _note_error(ctx, exc)
+                    raise
+                result = _parsed(ctx, cost, raw, stream)
+                if not stream:
+                    return result
+                try:
+                    first = await result._iterator.__anext__()
+                except StopAsyncIteration:
+                    first = _EMPTY
+                except BaseException:
+                    await result.close()
+                    raise
+                return _adopt(type(result), result, _async_rest(result, first))
 
-        return await pipeline.run(attempt, ctx)
+            return attempt
 
-    async def _dispatch_embeddings(self, key: Any, texts: list[str]) -> list[tuple[Any, float]]:
-        """One upstream embeddings request for a batch; each text's vector and its share of ``usage``."""
-        model, dimensions, encoding_format, user = key
-        kwargs: dict[str, Any] = {"model": model, "input": texts}
-        for name, value in (("dimensions", dimensions), ("encoding_format", encoding_format), ("user", user)):
-            if value is not None:
-                kwargs[name] = value
-        response = await self.acreate("embeddings", kwargs)
-        vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
-        if len(vectors) != len(texts):
-            raise RagGuardError(f"the provider returned {len(vectors)} embeddings for {len(texts)} inputs")
-        estimates = [max(1, self.estimator(text)) for text in texts]
-        total = sum(estimates)
-        prompt = float(response.usage.prompt_tokens) if response.usage is not None else float(total)
-        return [(vector, prompt * estimate / total) for vector, estimate in zip(vectors, estimates, strict=True)]
-
-    async def aembed(self, kwargs: dict[str, Any]) -> Any:
-        """``embeddings.create`` through the micro-batcher: this caller's inputs share upstream requests with
-        concurrent callers' (same model, dimensions, encoding and user); the response is rebuilt per caller."""
-        batcher = self.batcher
-        inputs = kwargs.get("input")
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        if (
-            batcher is None
-            or not isinstance(texts, list)
-            or not texts
-            or not all(isinstance(text, str) and text for text in texts)
-            or not set(kwargs) <= _BATCHABLE
-            or not isinstance(kwargs.get("model"), str)
-        ):
-            return await self.acreate("embeddings", kwargs)  # token arrays, extra options, empty input: as is
-        key = (kwargs["model"], kwargs.get("dimensions"), kwargs.get("encoding_format"), kwargs.get("user"))
-        results = await batcher.submit(key, texts)
-        tokens = round(sum(share for _, share in results))
-        # plain constructors: the SDK's model_construct walks every float (≈ 2.6 ms per 1,536-float vector,
-        # 180× slower than validating)
-        return openai.types.CreateEmbeddingResponse(
-            data=[
-                openai.types.Embedding(embedding=vector, index=index, object="embedding")
-                for index, (vector, _) in enumerate(results)
-            ],
-            model=kwargs["model"],
-            object="list",
-            usage=openai.types.create_embedding_response.Usage(prompt_tokens=tokens, total_tokens=tokens),
-        )
-
-    def create(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
-        """``<endpoint>.create(**kwargs)`` through the pipeline (sync clients, via the sync bridge)."""
-        pipeline, ctx, cost = self._prepare(endpoint, kwargs)
-        create = self._raw_create(endpoint)
-        stream = kwargs.get("stream") is True
-
-        def attempt() -> Any:
+        def blocking_attempt() -> Any:
             ctx.used_tokens = None
             try:
                 raw = create(**kwargs)
@@ -440,7 +587,145 @@ class OpenAIGuard:
                 raise
             return _adopt(type(result), result, _sync_rest(result, first))
 
-        return run_sync(lambda: pipeline.run(lambda: run_in_worker(attempt), ctx))
+        return lambda: run_in_worker(blocking_attempt)
+
+    async def acreate(self, endpoint: str, kwargs: dict[str, Any], options: CallOptions | None = None) -> Any:
+        """``<endpoint>.create(**kwargs)`` through the pipeline: cache → single-flight → deadline → breaker →
+        retry → rate limit → concurrency → attempt timeout → the SDK (the async core of both client kinds)."""
+        if options is None:
+            options = current_call_options()
+        model = kwargs.get("model")
+        pipeline = self.pipeline(endpoint, model if isinstance(model, str) else "")
+        cost = _estimate(endpoint, kwargs, self.estimator)
+        ctx = pipeline.context(tokens=float(cost.reserved), operation=endpoint)
+        ctx.extras = self._keys(endpoint, kwargs, options)
+        attempt = self._attempt(endpoint, kwargs, ctx, cost)
+        if self.semantic_index is not None and endpoint == "chat.completions" and ctx.extras:
+            cache_key_ = ctx.extras.get("cache_key")
+            if cache_key_ is not None:
+                return await self._semantic(pipeline, ctx, attempt, kwargs, options, cache_key_)
+        return await pipeline.run(attempt, ctx)
+
+    async def _semantic(
+        self,
+        pipeline: Pipeline,
+        ctx: CallContext,
+        attempt: Callable[[], Any],
+        kwargs: dict[str, Any],
+        options: CallOptions,
+        key: str,
+    ) -> Any:
+        """A chat completion through the semantic cache: exact hit, else a near-enough cached prompt's answer,
+        else the pipeline (whose exact cache fills), then the prompt joins the index."""
+        cache, index = self.response_caches["chat.completions"], self.semantic_index
+        assert index is not None
+        found = await cache.get(key, _MISSING, record=False)
+        text = _prompt_text(kwargs)
+        if found is not _MISSING or text is None:
+            return await pipeline.run(attempt, ctx)  # counts the exact hit, or runs unindexed
+        semantic = self.policy.cache.semantic
+        rest = {name: value for name, value in kwargs.items() if name != "messages"}
+        partition = self._request_key("chat.completions.semantic", rest, self._key_scope(options))
+        if partition is None:
+            return await pipeline.run(attempt, ctx)
+        embedded = await self.aembed({"model": semantic.embedding_model, "input": text}, options)
+        vector = embedded.data[0].embedding
+        near = await index.nearest(partition, vector, semantic.max_distance)
+        if near is not None:
+            answer = await cache.get(near[0], _MISSING)
+            if answer is not _MISSING:
+                self.semantic_hits += 1
+                assert ctx.extras is not None
+                ctx.extras["cache_hit"] = "semantic"
+                ctx.extras["semantic_distance"] = near[1]
+                return answer
+            await index.remove(partition, near[0])  # its answer expired or was evicted
+        result = await pipeline.run(attempt, ctx)
+        await index.add(partition, vector, key)
+        return result
+
+    def create(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
+        """``<endpoint>.create(**kwargs)`` for sync clients: the same async core, through the sync bridge."""
+        options = current_call_options()  # read here: the bridge's loop does not run in the caller's context
+        if endpoint == "embeddings":
+            return run_sync(lambda: self.aembed(kwargs, options))
+        return run_sync(lambda: self.acreate(endpoint, kwargs, options))
+
+    async def _dispatch_embeddings(self, key: Any, texts: list[str]) -> list[tuple[Any, float]]:
+        """One upstream embeddings request for a batch; each text's vector and its share of ``usage``."""
+        model, dimensions, encoding_format, user = key
+        kwargs: dict[str, Any] = {"model": model, "input": texts}
+        for name, value in (("dimensions", dimensions), ("encoding_format", encoding_format), ("user", user)):
+            if value is not None:
+                kwargs[name] = value
+        response = await self.acreate("embeddings", kwargs)
+        vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+        if len(vectors) != len(texts):
+            raise RagGuardError(f"the provider returned {len(vectors)} embeddings for {len(texts)} inputs")
+        estimates = [max(1, self.estimator(text)) for text in texts]
+        total = sum(estimates)
+        prompt = float(response.usage.prompt_tokens) if response.usage is not None else float(total)
+        return [(vector, prompt * estimate / total) for vector, estimate in zip(vectors, estimates, strict=True)]
+
+    async def aembed(self, kwargs: dict[str, Any], options: CallOptions | None = None) -> Any:
+        """``embeddings.create`` through the embedding cache and the micro-batcher.
+
+        Each input is looked up in the cache (model, dimensions, encoding, sha256 of the text, credential,
+        scope); only the missing ones go upstream, once each, micro-batched with concurrent callers' inputs
+        when batching is on, or as one request (shared with identical concurrent requests) when it is not. The
+        response is rebuilt for this caller, its ``usage`` counting only the tokens sent upstream for it.
+        Requests the layers cannot take apart (token arrays, extra options) go through as they are.
+        """
+        if options is None:
+            options = current_call_options()
+        inputs = kwargs.get("input")
+        model = kwargs.get("model")
+        texts = _texts(inputs)
+        cache = self.embedding_cache if options.cache else None
+        if (
+            texts is None
+            or not isinstance(model, str)
+            or not set(kwargs) <= _BATCHABLE
+            or (cache is None and self.batcher is None)
+        ):
+            return await self.acreate("embeddings", kwargs, options)
+        dimensions, encoding_format = kwargs.get("dimensions"), kwargs.get("encoding_format")
+        vectors: list[Any] = [_MISSING] * len(texts)
+        keys: list[str] = []
+        if cache is not None:
+            scope = self._key_scope(options)
+            for i, text in enumerate(texts):
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                parts = ("openai.embeddings", model, dimensions, encoding_format, digest)
+                key = cache_key(cache.policy.namespace, scope, self.scope, *parts)
+                keys.append(key)
+                vectors[i] = await cache.get(key, _MISSING)
+        missing = [i for i, vector in enumerate(vectors) if vector is _MISSING]
+        tokens = 0
+        if missing:
+            todo = list(dict.fromkeys(texts[i] for i in missing))  # each distinct text once
+            if self.batcher is not None:
+                batch_key = (model, dimensions, encoding_format, kwargs.get("user"))
+                results = await self.batcher.submit(batch_key, todo)
+                fetched = {text: vector for text, (vector, _) in zip(todo, results, strict=True)}
+                tokens = round(sum(share for _, share in results))
+            else:
+                if len(todo) == len(texts) and cache is None:
+                    return await self.acreate("embeddings", kwargs, options)
+                request = dict(kwargs)
+                request["input"] = inputs if len(todo) == len(texts) else todo
+                response = await self.acreate("embeddings", request, options)
+                got = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+                if len(got) != len(todo):
+                    raise RagGuardError(f"the provider returned {len(got)} embeddings for {len(todo)} inputs")
+                fetched = dict(zip(todo, got, strict=True))
+                tokens = response.usage.prompt_tokens if response.usage is not None else 0
+            for i in missing:
+                vectors[i] = fetched[texts[i]]
+            if cache is not None:
+                for text, vector in fetched.items():
+                    await cache.set(keys[texts.index(text)], vector)
+        return _embedding_response(vectors, model, tokens)
 
 
 class GuardedOpenAIClient(AttributeProxy):
@@ -471,7 +756,7 @@ def _async_method(core: OpenAIGuard, endpoint: str) -> Callable[..., Any]:
         async def embed(**kwargs: Any) -> Any:
             return await core.aembed(kwargs)
 
-        embed.__doc__ = "Guarded, micro-batched ``embeddings.create``: same arguments and return type as the SDK's."
+        embed.__doc__ = "Guarded, cached, micro-batched ``embeddings.create``: same arguments and return type."
         return embed
 
     async def create(**kwargs: Any) -> Any:

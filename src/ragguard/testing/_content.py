@@ -23,6 +23,7 @@ __all__ = [
     "reply_text",
     "split_stream_pieces",
     "vector_to_base64",
+    "words_embedding_vector",
 ]
 
 #: default output size of OpenAI's embedding models (https://platform.openai.com/docs/guides/embeddings)
@@ -70,6 +71,24 @@ def embedding_vector(model: str, item: str | Sequence[int], dimensions: int) -> 
     raw = [value * _INT32_SCALE for value in ints[:dimensions]]
     norm = math.sqrt(math.fsum(value * value for value in raw)) or 1.0
     return array("f", [value / norm for value in raw]).tolist()
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words_embedding_vector(model: str, text: str, dimensions: int) -> list[float]:
+    """A unit vector (float32 values) that makes texts sharing words *near*: the normalised sum of each
+    lower-cased word's :func:`embedding_vector`. Two texts' cosine similarity is about the share of words they
+    have in common, so paraphrases land close, as real embeddings do (for testing semantic caches)."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return embedding_vector(model, text, dimensions)
+    total = [0.0] * dimensions
+    for word in words:
+        for index, value in enumerate(embedding_vector(model, word, dimensions)):
+            total[index] += value
+    norm = math.sqrt(math.fsum(value * value for value in total)) or 1.0
+    return array("f", [value / norm for value in total]).tolist()
 
 
 def vector_to_base64(vector: Sequence[float]) -> str:

@@ -77,6 +77,7 @@ from ._content import (
     reply_text,
     split_stream_pieces,
     vector_to_base64,
+    words_embedding_vector,
 )
 from ._faults import FAULT_KINDS, FaultKind, FaultRoller, LatencyModel
 from ._ratelimit import Account, Rejection, format_go_duration
@@ -154,6 +155,9 @@ class SimulatorConfig(BaseModel):
     hint_style: HintStyle = "both"
     #: answer every request with OpenAI's 429 ``insufficient_quota`` (billing), which retrying cannot fix
     insufficient_quota: bool = False
+    #: how texts become vectors: ``hash`` (each text its own pseudo-random direction) or ``words`` (texts
+    #: sharing words lie near each other, as paraphrases do with real embeddings; for semantic caches)
+    embedding_style: Literal["hash", "words"] = "hash"
 
     # --- latency: (base + per-token · tokens) · (1 ± jitter) ---
     #: seconds before any answer (for a stream: before its first chunk)
@@ -996,13 +1000,16 @@ class OpenAISimulator:
             return self._render_chat(job)
         return self._render_response(job, status="completed")
 
-    @staticmethod
-    def _render_embeddings(job: _Job) -> dict[str, Any]:
+    def _render_embeddings(self, job: _Job) -> dict[str, Any]:
         dims: int = job.params["dimensions"]
         as_base64 = job.params["encoding"] == "base64"
+        words = self.config.embedding_style == "words"
         data = []
         for index, item in enumerate(job.params["items"]):
-            vector = embedding_vector(job.model, item, dims)
+            if words and isinstance(item, str):
+                vector = words_embedding_vector(job.model, item, dims)
+            else:
+                vector = embedding_vector(job.model, item, dims)
             data.append(
                 {
                     "object": "embedding",
