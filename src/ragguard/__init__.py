@@ -54,7 +54,7 @@ from .errors import (
     RetryExhausted,
     StreamInterrupted,
 )
-from .guards.batch import BatchItemTooLarge, MicroBatcher
+from .guards.batch import BatchItemTooLarge, MicroBatcher, batched
 from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.cache import (
@@ -67,6 +67,8 @@ from .guards.cache import (
     cache_key,
     cached,
     fingerprint,
+    retrieval_cache_key,
+    vector_digest,
 )
 from .guards.coalesce import Coalescer, coalesce
 from .guards.limiter import RateLimiter
@@ -136,6 +138,7 @@ __all__ = [
     "VectorIndex",
     "__version__",
     "backoff_delays",
+    "batched",
     "cache_key",
     "cached",
     "call_options",
@@ -155,9 +158,11 @@ __all__ = [
     "parse_rate_limit_headers",
     "parse_retry_after",
     "rate_limit",
+    "retrieval_cache_key",
     "retry",
     "retry_hint_from_headers",
     "set_testing",
     "tiktoken_estimator",
     "timeout",
+    "vector_digest",
 ]

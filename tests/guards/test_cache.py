@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ragguard
 from ragguard import CallContext, ManualClock, Pipeline, Retry
 from ragguard.guards.cache import (
     Cache,
@@ -694,3 +695,56 @@ def test_equal_inputs_give_equal_keys_whatever_the_dict_order(mapping: dict[str,
     rnd.shuffle(items)
     shuffled = dict(items)
     assert cache_key("ns", "t", None, mapping, [mapping]) == cache_key("ns", "t", None, shuffled, [shuffled])
+
+
+# --- retrieval keys -------------------------------------------------------------------------------------------
+
+
+def test_retrieval_keys_cover_every_part_of_a_vector_query() -> None:
+    base: dict[str, Any] = {
+        "index": "docs",
+        "vector": [0.1, 0.2, 0.3],
+        "top_k": 5,
+        "vector_namespace": "en",
+        "filter": {"lang": "en", "year": {"$gte": 2020}},
+    }
+    key = ragguard.retrieval_cache_key("ns", "tenant", "cred", **base)
+    same = ragguard.retrieval_cache_key(
+        "ns", "tenant", "cred", **{**base, "vector": (0.1, 0.2, 0.3), "filter": {"year": {"$gte": 2020}, "lang": "en"}}
+    )
+    assert key == same  # sequence type and filter key order do not matter
+    variants = [
+        {"index": "other"},
+        {"vector": [0.1, 0.2, 0.30000001]},
+        {"top_k": 6},
+        {"vector_namespace": "fr"},
+        {"filter": {"lang": "fr"}},
+        {"include_metadata": True},
+    ]
+    keys = {ragguard.retrieval_cache_key("ns", "tenant", "cred", **{**base, **v}) for v in variants}
+    keys.add(ragguard.retrieval_cache_key("ns", "other-tenant", "cred", **base))
+    keys.add(ragguard.retrieval_cache_key("ns", "tenant", "other-cred", **base))
+    assert key not in keys
+    assert len(keys) == len(variants) + 2
+    assert "0.1" not in key  # the vector is hashed, never spelled out
+
+
+@pytest.mark.anyio
+async def test_a_retrieval_function_cached_by_its_query() -> None:
+    calls = 0
+
+    def key(vector: list[float], *, top_k: int, filter: dict[str, Any] | None = None) -> str:
+        return ragguard.retrieval_cache_key(
+            "search", None, None, index="docs", vector=vector, top_k=top_k, filter=filter
+        )
+
+    @ragguard.cached(ttl=60, key=key)
+    async def search(vector: list[float], *, top_k: int, filter: dict[str, Any] | None = None) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return [f"doc-{i}" for i in range(top_k)]
+
+    assert await search([1.0, 0.0], top_k=2) == ["doc-0", "doc-1"]
+    assert await search([1.0, 0.0], top_k=2) == ["doc-0", "doc-1"]
+    assert await search([1.0, 0.0], top_k=3, filter={"a": 1}) == ["doc-0", "doc-1", "doc-2"]
+    assert calls == 2

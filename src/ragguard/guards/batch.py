@@ -34,6 +34,8 @@ Design (no background task; structured concurrency is kept):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -43,10 +45,11 @@ import anyio
 import anyio.lowlevel
 
 from .._clock import SYSTEM_CLOCK, Clock
+from .._sync import run_in_worker, run_sync
 from ..config import BatchingPolicy
 from ..errors import DeadlineExceeded, RagGuardError
 
-__all__ = ["BatchItemTooLarge", "BatchingPolicy", "MicroBatcher"]
+__all__ = ["BatchItemTooLarge", "BatchingPolicy", "MicroBatcher", "batched"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -459,3 +462,101 @@ class MicroBatcher(Generic[Item, Result]):
             waiter.event.set()
         else:
             self._in_flight -= 1
+
+
+# --- decorator -----------------------------------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _call_key(kwargs: dict[str, Any]) -> Hashable | None:
+    key = tuple(sorted(kwargs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None  # unhashable arguments: this call cannot be matched with others
+    return key
+
+
+def batched(
+    *,
+    cost: Callable[[Any], float] | None = None,
+    is_item_error: Callable[[Exception], bool] | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Micro-batch a function that takes a list of items and returns one result per item, in order.
+
+    The decorated ``fn(items, **kwargs)`` (async, or sync through the sync bridge) keeps its signature: each
+    caller passes its own list and gets exactly its own results back, while concurrent callers' items are sent
+    together in as few calls of ``fn`` as the limits allow (see :class:`MicroBatcher`). Calls with different
+    keyword arguments are never batched together (the keyword arguments are the batch key); a call whose keyword
+    arguments are unhashable calls ``fn`` directly. Extra positional arguments are not allowed. The wrapper's
+    ``.batcher`` attribute is the :class:`MicroBatcher` (for its counters).
+
+    Example::
+
+        @ragguard.batched(max_items=256, max_wait=0.01)
+        async def embed_many(texts: list[str], *, model: str) -> list[list[float]]: ...
+
+        vector = (await embed_many(["one text"], model="text-embedding-3-small"))[0]
+
+    Args:
+        cost: the cost of one item (for ``max_cost``), e.g. its tokens.
+        is_item_error: whether an exception of ``fn`` may come from one bad item (the batch is then split to
+            isolate it, and only that item's caller gets the error).
+        **options: :class:`MicroBatcher` settings: ``max_items``, ``max_cost``, ``max_wait`` (seconds),
+            ``max_in_flight``, ``enabled``, ``clock``.
+
+    Raises:
+        pydantic.ValidationError: (when decorating) an invalid setting, naming the field.
+        BatchItemTooLarge: (from a call) one of the caller's items costs more than ``max_cost``.
+        Whatever ``fn`` raises for the caller's batch.
+    """
+
+    async def _unused(_: Hashable, items: list[Any]) -> list[Any]:
+        return items
+
+    MicroBatcher(_unused, cost=cost, is_item_error=is_item_error, **options)  # validate now, when decorating
+
+    def apply(fn: F) -> F:
+
+        is_async = inspect.iscoroutinefunction(fn)
+
+        async def dispatch(key: Hashable, items: list[Any]) -> Sequence[Any]:
+            kwargs = dict(cast(tuple[tuple[str, Any], ...], key))
+            if is_async:
+                results = await fn(items, **kwargs)
+            else:
+                results = await run_in_worker(fn, items, **kwargs)
+            if not isinstance(results, Sequence) or len(results) != len(items):
+                raise RagGuardError(
+                    f"{getattr(fn, '__qualname__', fn)!s} returned {type(results).__name__} for {len(items)} items; "
+                    "a batched function must return one result per item, in order"
+                )
+            return results
+
+        batcher: MicroBatcher[Any, Any] = MicroBatcher(dispatch, cost=cost, is_item_error=is_item_error, **options)
+
+        if is_async:
+
+            @functools.wraps(fn)
+            async def async_wrapper(items: Sequence[Any], /, **kwargs: Any) -> list[Any]:
+                key = _call_key(kwargs)
+                if key is None:
+                    return list(await fn(items, **kwargs))
+                return await batcher.submit(key, items)
+
+            async_wrapper.batcher = batcher  # type: ignore[attr-defined]
+            return cast(F, async_wrapper)
+
+        @functools.wraps(fn)
+        def sync_wrapper(items: Sequence[Any], /, **kwargs: Any) -> list[Any]:
+            key = _call_key(kwargs)
+            if key is None:
+                return list(fn(items, **kwargs))
+            return run_sync(lambda: batcher.submit(key, items))
+
+        sync_wrapper.batcher = batcher  # type: ignore[attr-defined]
+        return cast(F, sync_wrapper)
+
+    return apply

@@ -17,11 +17,12 @@ defaults to pickle on Redis). To cache objects JSON cannot hold (an SDK's pydant
 
 from __future__ import annotations
 
+import array
 import hashlib
 import importlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel
@@ -44,6 +45,8 @@ __all__ = [
     "cache_key",
     "cached",
     "fingerprint",
+    "retrieval_cache_key",
+    "vector_digest",
 ]
 
 logger = logging.getLogger("ragguard.cache")
@@ -146,6 +149,52 @@ def cache_key(namespace: str, scope: str | None, credential: str | None, *parts:
     """
     payload = _canonical([namespace, scope, credential, list(parts)], _key_part)
     return _prefix(namespace, scope) + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def vector_digest(vector: Sequence[float]) -> str:
+    """sha256 (hex) of a vector's float64 values: the same numbers always give the same digest, whatever the
+    sequence type, and a vector never appears in a key in full.
+
+    Raises:
+        TypeError: a component is not a number.
+    """
+    return hashlib.sha256(array.array("d", vector).tobytes()).hexdigest()
+
+
+def retrieval_cache_key(
+    namespace: str,
+    scope: str | None,
+    credential: str | None,
+    *,
+    index: str,
+    vector: Sequence[float],
+    top_k: int,
+    vector_namespace: str | None = None,
+    filter: Any = None,  # the vector stores' own name for it
+    **options: Any,
+) -> str:
+    """The cache key of a vector query: index, vector namespace, a hash of the query vector, ``top_k``, the
+    metadata filter (canonical JSON, so key order never matters) and any other option that shapes the result
+    (e.g. ``include_metadata=True``), in a :func:`cache_key` of ``namespace``/``scope``/``credential``.
+
+    Retrieval results change when the index is written to: give retrieval caches a short TTL, or
+    :meth:`Cache.invalidate` them after upserts.
+
+    Raises:
+        TypeError, ValueError: the filter or an option is not JSON-serialisable, or the vector not numbers.
+    """
+    return cache_key(
+        namespace,
+        scope,
+        credential,
+        "retrieval",
+        index,
+        vector_namespace,
+        vector_digest(vector),
+        top_k,
+        filter,
+        options,
+    )
 
 
 # --- the guard -----------------------------------------------------------------------------------------------
