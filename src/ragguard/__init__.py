@@ -27,7 +27,9 @@ from ._hints import (
 )
 from ._outcome import Classifier, Outcome, classify_exception
 from ._tokens import TokenEstimator, default_estimator, heuristic_estimator, tiktoken_estimator
+from .backends.base import Backend, SharedBackend
 from .backends.memory import MemoryBackend, default_backend
+from .backends.redis import RedisBackend, RedisBackendOptions
 from .config import (
     BatchingPolicy,
     BreakerPolicy,
@@ -58,6 +60,7 @@ from .guards.batch import BatchItemTooLarge, MicroBatcher, batched
 from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.cache import (
+    AsyncCacheStore,
     Cache,
     CacheStore,
     JsonSerializer,
@@ -75,6 +78,8 @@ from .guards.limiter import RateLimiter
 from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
 from .guards.retry import Retry, RetryEvent, backoff_delays
 from .guards.semantic import InMemoryVectorIndex, VectorIndex, cosine_distance
+from .guards.shared_breaker import BreakerStore, SharedCircuitBreaker
+from .guards.shared_limiter import BucketStore, SharedRateLimiter
 from .guards.timeout import Deadline, Timeout
 
 __version__ = "0.1.0"
@@ -82,13 +87,17 @@ __version__ = "0.1.0"
 __all__ = [
     "STAGES",
     "SYSTEM_CLOCK",
+    "AsyncCacheStore",
     "AttemptTimeout",
+    "Backend",
     "BackendUnavailable",
     "BatchItemTooLarge",
     "BatchingPolicy",
     "BreakerPolicy",
     "BreakerSnapshot",
     "BreakerState",
+    "BreakerStore",
+    "BucketStore",
     "BulkheadFull",
     "Cache",
     "CachePolicy",
@@ -124,12 +133,17 @@ __all__ = [
     "RateLimitPolicy",
     "RateLimitTimeout",
     "RateLimiter",
+    "RedisBackend",
+    "RedisBackendOptions",
     "Retry",
     "RetryEvent",
     "RetryExhausted",
     "RetryPolicy",
     "SemanticCachePolicy",
     "Serializer",
+    "SharedBackend",
+    "SharedCircuitBreaker",
+    "SharedRateLimiter",
     "StreamInterrupted",
     "SystemClock",
     "Timeout",

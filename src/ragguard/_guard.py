@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._tokens import TokenEstimator, default_estimator
-from .backends.memory import MemoryBackend
+from .backends.base import Backend
 from .config import Policy
 from .errors import ConfigError
 
@@ -19,7 +19,7 @@ def guard(
     client: C,
     policy: Policy | None = None,
     *,
-    backend: MemoryBackend | None = None,
+    backend: Backend | None = None,
     estimator: TokenEstimator | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> C:
@@ -35,7 +35,8 @@ def guard(
         client: the SDK client to wrap (it is not modified).
         policy: the guards' configuration; default ``Policy()``, which also reads ``RAGGUARD_*`` variables.
         backend: where shared state lives; default: the process-wide :class:`~ragguard.MemoryBackend`, so all
-            guarded clients of one API key share one rate limit per model, as the provider does.
+            guarded clients of one API key share one rate limit per model, as the provider does. A
+            :class:`~ragguard.RedisBackend` makes several processes share rate limits, breakers and caches.
         estimator: counts a text's tokens for the tokens-per-minute limit (default:
             :func:`~ragguard.default_estimator`: tiktoken if its files are cached locally, else ~4 chars/token;
             never downloads anything).

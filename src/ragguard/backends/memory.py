@@ -23,7 +23,8 @@ class MemoryBackend:
     __slots__ = ("_lock", "_objects")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # re-entrant: a factory may itself get or create objects (a shared breaker asks for its store)
+        self._lock = threading.RLock()
         self._objects: dict[tuple[str, str], Any] = {}
 
     def get_or_create(self, kind: str, key: str, factory: Callable[[], T]) -> T:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="naive,sdk-default,guarded",
         help="comma-separated modes to run (default: all three)",
     )
+    demo.add_argument("--workers", type=int, default=1, help="OS processes to split the users between (default: 1)")
+    demo.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share the workers' limits, breakers and caches through this Redis (default: each process alone)",
+    )
     demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     demo.add_argument("--no-progress", action="store_true", help="no live progress bars (plain output)")
     return parser
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tpm=args.tpm,
             faults=args.faults,
             repeat_share=args.repeat_share,
+            workers=args.workers,
+            redis=args.redis,
             seed=args.seed,
             modes=modes,
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -23,7 +23,7 @@ from .._tokens import estimate_chat_tokens, estimate_text_tokens
 from ..backends.memory import MemoryBackend
 from ..config import BreakerPolicy, ConcurrencyPolicy, Policy, RateLimitPolicy, RetryPolicy, TimeoutPolicy
 
-__all__ = ["MODES", "DemoOptions", "DemoReport", "ModeResult", "run_demo", "run_demo_cli"]
+__all__ = ["MODES", "DemoOptions", "DemoReport", "ModeResult", "WorkerResult", "run_demo", "run_demo_cli"]
 
 MODES = ("naive", "sdk-default", "guarded")
 EMBED_MODEL = "text-embedding-3-small"
@@ -66,6 +66,11 @@ class DemoOptions(BaseModel):
     repeat_share: float = Field(default=0.5, ge=0, le=1)
     seed: int = 7
     modes: tuple[str, ...] = MODES
+    #: OS processes the users are split between (each with its own guarded client)
+    workers: int = Field(default=1, ge=1, le=64)
+    #: a Redis URL the workers' guarded clients share their limits, breakers and caches through
+    #: (``None``: each process keeps its own, in memory)
+    redis: str | None = None
 
     @field_validator("modes")
     @classmethod
@@ -74,6 +79,20 @@ class DemoOptions(BaseModel):
         if unknown or not modes:
             raise ValueError(f"modes must be a non-empty subset of {', '.join(MODES)}; got {', '.join(unknown)}")
         return modes
+
+
+class WorkerResult(BaseModel):
+    """One worker process's share of a mode (``--workers``)."""
+
+    worker: int
+    users: int
+    succeeded: int
+    failed: int
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    wall_s: float
+    errors: dict[str, int] = Field(default_factory=dict)
 
 
 class ModeResult(BaseModel):
@@ -93,6 +112,7 @@ class ModeResult(BaseModel):
     theoretical_min_s: float
     goodput: float = Field(description="users served / the users the quota admits in the wall time (burst + refill)")
     errors: dict[str, int] = Field(default_factory=dict, description="failed users by error type")
+    workers: list[WorkerResult] = Field(default_factory=list, description="per worker process (--workers > 1)")
 
 
 class DemoReport(BaseModel):
@@ -103,6 +123,8 @@ class DemoReport(BaseModel):
     faults: str
     seed: int
     modes: list[ModeResult]
+    workers: int = 1
+    redis: bool = False
 
 
 def _question(user: int, repeat_share: float = 0.5) -> str:
@@ -125,7 +147,7 @@ def guarded_policy(options: DemoOptions) -> Policy:
     """The guarded mode's policy: the provider's published quota, and timeouts that suit the scenario."""
     flaky = options.faults == "flaky"
     return Policy(
-        rate_limit=RateLimitPolicy(rpm=options.rpm, tpm=options.tpm),
+        rate_limit=RateLimitPolicy(rpm=options.rpm, tpm=options.tpm, burst_seconds=0.7),
         retry=RetryPolicy(attempts=8, base=0.2, cap=5.0),
         timeout=TimeoutPolicy(attempt=2.0 if flaky else 30.0, total=110.0),
         # ~330 requests/s at ~30 ms each need ~10-20 in flight; a small bulkhead also keeps the HTTP pool small,
@@ -174,8 +196,20 @@ async def _one_user(question: str, embed: Callable[..., Awaitable[Any]], chat: C
     await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS, temperature=0)
 
 
+def _backend(options: DemoOptions) -> Any:
+    if options.redis is None:
+        return MemoryBackend()
+    from ..backends.redis import RedisBackend
+
+    return RedisBackend(options.redis, expected_instances=options.workers, timeout=1.0)
+
+
 async def _run_mode(
-    mode: str, base_url: str, options: DemoOptions, on_done: Callable[[bool], None]
+    mode: str,
+    base_url: str,
+    options: DemoOptions,
+    on_done: Callable[[bool], None],
+    users: Sequence[int] | None = None,
 ) -> tuple[list[float], dict[str, int], float]:
     from openai import AsyncOpenAI
 
@@ -184,12 +218,12 @@ async def _run_mode(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     shared: Any = None
+    backend: Any = None
     if mode == "sdk-default":
         shared = AsyncOpenAI(base_url=base_url, api_key=API_KEY)
     elif mode == "guarded":
-        shared = guard(
-            AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=MemoryBackend()
-        )
+        backend = _backend(options)
+        shared = guard(AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=backend)
 
     async def naive_embed(**kwargs: Any) -> Any:
         async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
@@ -220,12 +254,88 @@ async def _run_mode(
 
     try:
         async with anyio.create_task_group() as tg:
-            for user in range(options.users):
+            for user in range(options.users) if users is None else users:
                 tg.start_soon(user_task, user)
     finally:
         if shared is not None:
             await shared.close()
+        if backend is not None and hasattr(backend, "aclose"):
+            await backend.aclose()
     return latencies, errors, time.perf_counter() - started
+
+
+def _worker_main(
+    mode: str, base_url: str, options_json: str, index: int, counts: Any, go: Any, out: Any
+) -> None:  # pragma: no cover - runs in a child process (the workers test checks its results)
+    """One worker process of a ``--workers`` run: its share of the users, started when every worker is ready."""
+    options = DemoOptions.model_validate_json(options_json)
+    users = range(index, options.users, options.workers)
+
+    def done(ok: bool) -> None:
+        with counts.get_lock():
+            counts[0 if ok else 1] += 1
+
+    with counts.get_lock():
+        counts[2] = 1  # ready: imports done
+    go.wait()
+    latencies, errors, wall = anyio.run(_run_mode, mode, base_url, options, done, users)
+    out.put((index, latencies, errors, wall))
+
+
+async def _run_workers(
+    mode: str, base_url: str, options: DemoOptions, on_done: Callable[[bool], None]
+) -> tuple[list[float], dict[str, int], float, list[tuple[list[float], dict[str, int], float]]]:
+    """Run one mode in ``options.workers`` processes, started together once all are ready; the merged figures
+    (wall time from the common start to the last worker's end), then each worker's."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    go = context.Event()
+    counters = [context.Array("i", 3) for _ in range(options.workers)]  # served, failed, ready
+    processes = [
+        context.Process(
+            target=_worker_main,
+            args=(mode, base_url, options.model_dump_json(), index, counters[index], go, out),
+            daemon=True,
+        )
+        for index in range(options.workers)
+    ]
+    for process in processes:
+        process.start()
+    reported = [0, 0]
+    results: dict[int, tuple[list[float], dict[str, int], float]] = {}
+    try:
+        while len(results) < options.workers:
+            await anyio.sleep(0.02)
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a demo worker process failed (exit code {dead[0].exitcode})")
+            if not go.is_set():
+                if all(c[2] for c in counters):
+                    go.set()
+                continue
+            totals = [sum(c[0] for c in counters), sum(c[1] for c in counters)]
+            for _ in range(totals[0] - reported[0]):
+                on_done(True)
+            for _ in range(totals[1] - reported[1]):
+                on_done(False)
+            reported = totals
+            while not out.empty():
+                index, latencies, errors, wall = out.get()
+                results[index] = (latencies, errors, wall)
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    wall = max(figures[2] for figures in results.values())  # every worker started at the same signal
+    merged_latencies = [x for index in sorted(results) for x in results[index][0]]
+    merged_errors: dict[str, int] = {}
+    for _, errors, _ in results.values():
+        for name, count in errors.items():
+            merged_errors[name] = merged_errors.get(name, 0) + count
+    return merged_latencies, merged_errors, wall, [results[index] for index in sorted(results)]
 
 
 def _simulator(options: DemoOptions) -> Any:
@@ -284,7 +394,11 @@ async def run_demo(
                     if on_user is not None:
                         on_user(mode, ok)
 
-                latencies, errors, wall = await _run_mode(mode, server.base_url, options, done)
+                per_worker: list[tuple[list[float], dict[str, int], float]] = []
+                if options.workers > 1:
+                    latencies, errors, wall, per_worker = await _run_workers(mode, server.base_url, options, done)
+                else:
+                    latencies, errors, wall = await _run_mode(mode, server.base_url, options, done)
                 stats = (await control.get("/_sim/stats")).json()
                 upstream, too_many, tokens, ok_by_model, tokens_by_model = _figures(stats)
                 succeeded = len(latencies)
@@ -308,9 +422,35 @@ async def run_demo(
                         # the quota admits at most a full bucket plus the refill over the wall time
                         goodput=round(succeeded / (quota_users_per_s * (wall + burst_s)), 4),
                         errors=errors,
+                        workers=[
+                            _worker_result(index, len(range(index, options.users, options.workers)), *figures)
+                            for index, figures in enumerate(per_worker)
+                        ],
                     )
                 )
-    return DemoReport(rpm=options.rpm, tpm=options.tpm, faults=options.faults, seed=options.seed, modes=results)
+    return DemoReport(
+        rpm=options.rpm,
+        tpm=options.tpm,
+        faults=options.faults,
+        seed=options.seed,
+        modes=results,
+        workers=options.workers,
+        redis=options.redis is not None,
+    )
+
+
+def _worker_result(index: int, users: int, latencies: list[float], errors: dict[str, int], wall: float) -> WorkerResult:
+    return WorkerResult(
+        worker=index + 1,
+        users=users,
+        succeeded=len(latencies),
+        failed=users - len(latencies),
+        p50_s=round(_percentile(latencies, 0.50), 4),
+        p95_s=round(_percentile(latencies, 0.95), 4),
+        p99_s=round(_percentile(latencies, 0.99), 4),
+        wall_s=round(wall, 4),
+        errors=errors,
+    )
 
 
 def render_table(report: DemoReport) -> Any:
@@ -323,6 +463,12 @@ def render_table(report: DemoReport) -> Any:
         title=(
             f"Monday morning: {report.modes[0].users if report.modes else 0} users, quota {report.rpm:,.0f} RPM / "
             f"{report.tpm:,.0f} TPM per model, faults: {report.faults}"
+            + (
+                f", {report.workers} worker processes sharing "
+                + ("one quota through Redis" if report.redis else "nothing (each its own limiter)")
+                if report.workers > 1
+                else ""
+            )
         ),
     )
     for header in (
@@ -356,6 +502,18 @@ def render_table(report: DemoReport) -> Any:
             f"{m.theoretical_min_s:.2f}",
             f"{m.goodput:.0%}",
         )
+        for w in m.workers:
+            table.add_row(
+                f"  worker {w.worker}",
+                f"{w.succeeded} ({w.succeeded / max(1, w.users):.0%})",
+                str(w.failed),
+                *("·" * 3),
+                f"{w.p50_s:.2f}",
+                f"{w.p95_s:.2f}",
+                f"{w.p99_s:.2f}",
+                f"{w.wall_s:.2f}",
+                *("·" * 2),
+            )
     return table
 
 

@@ -1,15 +1,18 @@
-"""The in-memory cache store: bytes values, LRU eviction, TTL expiry, bounded by entries and bytes."""
+"""Cache stores: the protocols a :class:`~ragguard.guards.cache.Cache` accepts (:class:`CacheStore`, synchronous
+and in process; :class:`AsyncCacheStore`, asynchronous, e.g. over the network) and the in-memory store (bytes values,
+LRU eviction, TTL expiry, bounded by entries and bytes)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections import OrderedDict
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .._clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["CacheStore", "MemoryCacheStore"]
+__all__ = ["AsyncCacheStore", "CacheStore", "MemoryCacheStore", "is_async_store"]
 
 #: ``bytes`` under another name, for annotations inside a class that has a ``bytes`` property
 _Bytes = bytes
@@ -41,6 +44,44 @@ class CacheStore(Protocol):
     def clear(self) -> None:
         """Remove everything."""
         ...
+
+
+@runtime_checkable
+class AsyncCacheStore(Protocol):
+    """An asynchronous cache store, for stores that do I/O (e.g. the Redis store ``RedisBackend.cache_store()``
+    makes): the methods of :class:`CacheStore` as coroutines.
+
+    A :class:`~ragguard.guards.cache.Cache` tells the two kinds apart once, at construction, by whether ``get`` is
+    a coroutine function (:func:`is_async_store`); ``isinstance`` cannot (both protocols name the same methods).
+    Methods may raise :class:`~ragguard.BackendUnavailable` when the store cannot be reached: the cache treats
+    it as a miss (``get``) or a skipped fill (``set``), never as a failed call.
+    """
+
+    async def get(self, key: str) -> bytes | None:
+        """The live value under ``key``, or ``None`` (missing or expired)."""
+        ...
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """Store ``value`` for ``ttl`` seconds (``None``: no expiry); ``False`` when it was not stored."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; whether it was there."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every key starting with ``prefix``; how many were removed."""
+        ...
+
+    async def clear(self) -> None:
+        """Remove everything."""
+        ...
+
+
+def is_async_store(store: Any) -> bool:
+    """Whether ``store`` is an :class:`AsyncCacheStore` (its ``get`` is a coroutine function), not a
+    :class:`CacheStore`."""
+    return inspect.iscoroutinefunction(getattr(store, "get", None))
 
 
 class MemoryCacheStore:

@@ -3,7 +3,8 @@
 :class:`Cache` is the outermost stage of a pipeline (a hit costs no quota): it looks the call's key up, returns
 the cached value on a hit, and on a miss runs the call and stores its result. Exceptions are never cached.
 
-Keys (:func:`cache_key`) have the shape ``"{namespace}:{scope or '-'}:{sha256 hex}"``, the digest taken over a
+Keys (:func:`cache_key`) have the shape ``"{namespace}:{scope or '-'}:{sha256 hex}"`` (``%``, ``:`` and a lone
+``-`` percent-escaped in namespace and scope, so no two tenants' prefixes collide), the digest taken over a
 canonical JSON (sorted keys, no whitespace) of the namespace, scope, credential fingerprint and key parts, so
 dict order never matters and two tenants, or two API keys, never read each other's entries. Secrets never
 appear in keys: pass :func:`fingerprint` of a credential.
@@ -13,6 +14,13 @@ shared between processes turns a writable cache into remote code execution (Lang
 defaults to pickle on Redis). To cache objects JSON cannot hold (an SDK's pydantic response), pass ``encode`` /
 ``decode`` hooks, e.g. ``encode=lambda r: r.model_dump(mode="json")`` and
 ``decode=CreateEmbeddingResponse.model_validate``.
+
+Stores: entries live in a :class:`CacheStore` (synchronous, in process; :class:`MemoryCacheStore` by default) or
+an :class:`AsyncCacheStore` (asynchronous, shared: ``RedisBackend(url).cache_store()``). With an asynchronous
+store a lookup and a fill are one round trip each, and the store being unreachable
+(:class:`~ragguard.BackendUnavailable`) is a miss on lookup and a skipped fill, logged at debug and counted in
+:attr:`Cache.unavailable`, whatever the backend's ``on_unavailable`` says: a cache is an optimisation, so it never
+fails a call. Invalidate such a cache with ``await cache.ainvalidate()`` (:meth:`Cache.invalidate` is synchronous).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from pydantic import BaseModel
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import CachePolicy
-from ._cache_store import CacheStore, MemoryCacheStore
+from ..errors import BackendUnavailable
+from ._cache_store import AsyncCacheStore, CacheStore, MemoryCacheStore, is_async_store
 from .coalesce import FOLLOWER_EXTRA
 from .pipeline import GuardBase
 
 __all__ = [
+    "AsyncCacheStore",
     "Cache",
     "CachePolicy",
     "CacheStore",
@@ -126,8 +136,16 @@ def fingerprint(secret: str) -> str:
     return hashlib.sha256(_FINGERPRINT_PREFIX + secret.encode()).hexdigest()[:16]
 
 
+def _escape(part: str) -> str:
+    # ":" separates the prefix's parts and "-" alone stands for "no scope": escape both (and the escape char)
+    escaped = part.replace("%", "%25").replace(":", "%3A")
+    return "%2D" if escaped == "-" else escaped
+
+
 def _prefix(namespace: str, scope: str | None) -> str:
-    return f"{namespace}:{'-' if scope is None else scope}:"
+    """``"{namespace}:{scope or '-'}:"`` with ``%``, ``:`` and a lone ``-`` percent-escaped in each part, so no
+    two (namespace, scope) pairs share a prefix (nor one prefix start another's)."""
+    return f"{_escape(namespace)}:{'-' if scope is None else _escape(scope)}:"
 
 
 def cache_key(namespace: str, scope: str | None, credential: str | None, *parts: Any) -> str:
@@ -226,7 +244,10 @@ class Cache(GuardBase):
     Args:
         enabled, ttl, max_entries, max_bytes, namespace, scope: see :class:`CachePolicy`
             (``max_entries``/``max_bytes`` size the default in-memory store only).
-        store: where entries live (default: a :class:`MemoryCacheStore` sized by the policy).
+        store: where entries live (default: a :class:`MemoryCacheStore` sized by the policy): a
+            :class:`CacheStore` or an :class:`AsyncCacheStore` (told apart once, here, by whether ``store.get`` is
+            a coroutine function). An asynchronous store being unreachable makes lookups misses and fills no-ops
+            (counted in :attr:`unavailable`); the call itself never fails because of it.
         serializer: bytes ↔ value (default :class:`JsonSerializer`; never pickle).
         key: ``key(ctx) -> str | None``, the call's key.
         encode: ``encode(result) -> JSON-able`` before serialising (e.g. ``lambda r: r.model_dump(mode="json")``).
@@ -239,12 +260,16 @@ class Cache(GuardBase):
 
     stage: ClassVar[str] = "cache"
     __slots__ = (
+        "_astore",
+        "_async",
         "_decode",
         "_encode",
         "_hits",
         "_key",
         "_misses",
         "_prefix",
+        "_sstore",
+        "_unavailable",
         "clock",
         "policy",
         "serializer",
@@ -260,7 +285,7 @@ class Cache(GuardBase):
         max_bytes: int = 64 * 2**20,
         namespace: str = "ragguard",
         scope: str | None = None,
-        store: CacheStore | None = None,
+        store: CacheStore | AsyncCacheStore | None = None,
         serializer: Serializer | None = None,
         key: Callable[[CallContext], str | None] | None = None,
         encode: Callable[[Any], Any] | None = None,
@@ -277,9 +302,15 @@ class Cache(GuardBase):
         )
         self.policy = policy
         self.clock = clock
-        self.store: CacheStore = (
+        #: where entries live (fixed at construction: whether it is asynchronous is decided here)
+        self.store: CacheStore | AsyncCacheStore = (
             store if store is not None else MemoryCacheStore(policy.max_entries, policy.max_bytes, clock=clock)
         )
+        self._async = is_async_store(self.store)
+        # the same object, typed for each path (only the one ``_async`` selects is used)
+        self._sstore = cast(CacheStore, self.store)
+        self._astore = cast(AsyncCacheStore, self.store)
+        self._unavailable = 0
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self._key = key if key is not None else _default_key
         self._encode = encode
@@ -314,6 +345,12 @@ class Cache(GuardBase):
         return self._misses
 
     @property
+    def unavailable(self) -> int:
+        """Store operations that failed with :class:`~ragguard.BackendUnavailable` (an asynchronous store that
+        could not be reached), each served as a miss or a skipped fill."""
+        return self._unavailable
+
+    @property
     def evictions(self) -> int:
         """Entries the store dropped to respect its bounds (0 when the store does not count them)."""
         return int(getattr(self.store, "evictions", 0))
@@ -331,7 +368,7 @@ class Cache(GuardBase):
     # direct access -------------------------------------------------------------------------------------------
 
     def _lookup(self, full: str, record: bool = True) -> Any:
-        raw = self.store.get(full)
+        raw = self._sstore.get(full)
         if raw is None:
             self._misses += record
             return _MISS
@@ -341,7 +378,36 @@ class Cache(GuardBase):
         except Exception:
             # a corrupt or outdated entry is a miss, and must not be served again
             logger.debug("ragguard cache: dropping undecodable entry %s", full, exc_info=True)
-            self.store.delete(full)
+            self._sstore.delete(full)
+            self._misses += record
+            return _MISS
+        self._hits += record
+        return result
+
+    def _store_unavailable(self, action: str, full: str) -> None:
+        self._unavailable += 1
+        logger.debug("ragguard cache: store unavailable on %s of %s; going uncached", action, full, exc_info=True)
+
+    async def _alookup(self, full: str, record: bool = True) -> Any:
+        """:meth:`_lookup` on an asynchronous store; an unreachable store is a miss."""
+        store = self._astore
+        try:
+            raw = await store.get(full)
+        except BackendUnavailable:
+            self._store_unavailable("lookup", full)
+            raw = None
+        if raw is None:
+            self._misses += record
+            return _MISS
+        try:
+            value = self.serializer.loads(raw)
+            result = self._decode(value) if self._decode is not None else value
+        except Exception:
+            logger.debug("ragguard cache: dropping undecodable entry %s", full, exc_info=True)
+            try:
+                await store.delete(full)
+            except BackendUnavailable:
+                self._store_unavailable("delete", full)
             self._misses += record
             return _MISS
         self._hits += record
@@ -353,31 +419,74 @@ class Cache(GuardBase):
         except Exception:
             logger.debug("ragguard cache: value for %s is not serialisable; not cached", full, exc_info=True)
             return False
-        return self.store.set(full, data, ttl)
+        return self._sstore.set(full, data, ttl)
+
+    async def _afill(self, full: str, value: Any, ttl: float | None) -> bool:
+        """:meth:`_fill` on an asynchronous store; an unreachable store stores nothing."""
+        try:
+            data = self.serializer.dumps(self._encode(value) if self._encode is not None else value)
+        except Exception:
+            logger.debug("ragguard cache: value for %s is not serialisable; not cached", full, exc_info=True)
+            return False
+        try:
+            return await self._astore.set(full, data, ttl)
+        except BackendUnavailable:
+            self._store_unavailable("fill", full)
+            return False
 
     async def get(self, key: str, default: Any = None, *, record: bool = True) -> Any:
         """The cached value under ``key`` (scoped like :meth:`run`'s keys), or ``default``.
 
         ``record=False`` leaves :attr:`hits`/:attr:`misses` alone (a peek whose outcome another lookup counts).
         """
-        found = self._lookup(self._full(key), record)
+        full = self._full(key)
+        found = await self._alookup(full, record) if self._async else self._lookup(full, record)
         return default if isinstance(found, _Miss) else found
 
     async def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: the policy's ttl).
 
         Returns:
-            whether it was stored (``False``: not serialisable, or larger than the store allows).
+            whether it was stored (``False``: not serialisable, larger than the store allows, or an asynchronous
+            store unreachable).
         """
-        return self._fill(self._full(key), value, self.policy.ttl if ttl is None else ttl)
+        ttl = self.policy.ttl if ttl is None else ttl
+        if self._async:
+            return await self._afill(self._full(key), value, ttl)
+        return self._fill(self._full(key), value, ttl)
 
     def invalidate(self, prefix: str = "") -> int:
         """Delete this cache's entries whose key starts with ``prefix`` (default: all of its namespace and scope).
 
+        Synchronous, for a synchronous store (the default in-memory one); :meth:`ainvalidate` works with both.
+
         Returns:
             how many entries were deleted.
+
+        Raises:
+            TypeError: the store is asynchronous (use ``await cache.ainvalidate(prefix)``).
         """
-        return self.store.delete_prefix(self._full(prefix))
+        if self._async:
+            raise TypeError("this cache's store is asynchronous: use `await cache.ainvalidate(prefix)`")
+        return self._sstore.delete_prefix(self._full(prefix))
+
+    async def ainvalidate(self, prefix: str = "") -> int:
+        """:meth:`invalidate` for either kind of store: delete this cache's entries whose key starts with
+        ``prefix`` (default: all of its namespace and scope; never another namespace's or scope's).
+
+        Unlike lookups and fills, an invalidation the store cannot carry out is reported, not ignored: entries it
+        should have removed may still be served.
+
+        Returns:
+            how many entries were deleted.
+
+        Raises:
+            BackendUnavailable: an asynchronous store could not be reached (some entries may be deleted).
+        """
+        full = self._full(prefix)
+        if self._async:
+            return await self._astore.delete_prefix(full)
+        return self._sstore.delete_prefix(full)
 
     # the guard -----------------------------------------------------------------------------------------------
 
@@ -393,7 +502,7 @@ class Cache(GuardBase):
         if key is None:
             return await call()
         full = self._full(key)
-        found = self._lookup(full)
+        found = await self._alookup(full) if self._async else self._lookup(full)
         extras = ctx.extras
         if extras is None:
             extras = ctx.extras = {}
@@ -404,7 +513,10 @@ class Cache(GuardBase):
         result = await call()
         # a coalesced follower got the leader's result, which the leader's own Cache.run stores: store once
         if not extras.get(FOLLOWER_EXTRA):
-            self._fill(full, result, self.policy.ttl)
+            if self._async:
+                await self._afill(full, result, self.policy.ttl)
+            else:
+                self._fill(full, result, self.policy.ttl)
         return result
 
 
@@ -425,12 +537,14 @@ def cached(
     ``None``. Results must be JSON-serialisable (or use ``encode``/``decode``), otherwise they are returned but
     not cached. Sync functions run on the same async core as the other decorators (see
     :func:`ragguard.decorators.guarded`). The wrapper's ``.cache`` attribute is the :class:`Cache`, e.g. for
-    ``wrapper.cache.invalidate()``.
+    ``wrapper.cache.invalidate()`` (``await wrapper.cache.ainvalidate()`` with an asynchronous ``store``, e.g.
+    ``store=RedisBackend(url).cache_store()``).
 
     Args:
         ttl: seconds an entry lives (``None``: no expiry).
         key: ``key(*args, **kwargs) -> str | None``, the call's key (scoped by the cache's namespace and scope).
-        **options: other :class:`Cache` options (``namespace``, ``scope``, ``store``, ``encode``, ``clock``…).
+        **options: other :class:`Cache` options (``namespace``, ``scope``, ``store`` (sync or async),
+            ``encode``, ``clock``…).
 
     Raises:
         pydantic.ValidationError: an option is invalid (raised when decorating, naming the field).

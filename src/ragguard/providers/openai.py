@@ -31,6 +31,7 @@ from typing import Any
 
 import openai
 
+from .. import _stateful
 from .._call_options import CallOptions, current_call_options
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
@@ -38,15 +39,14 @@ from .._hints import parse_rate_limit_headers
 from .._outcome import Outcome, classify_exception, classify_status, headers_of
 from .._sync import run_in_worker, run_sync
 from .._tokens import TokenEstimator, estimate_chat_tokens, estimate_text_tokens, heuristic_estimator
-from ..backends.memory import MemoryBackend, default_backend
+from ..backends.base import Backend
+from ..backends.memory import default_backend
 from ..config import Policy
 from ..errors import RagGuardError, StreamInterrupted
 from ..guards.batch import MicroBatcher
-from ..guards.breaker import CircuitBreaker
 from ..guards.bulkhead import ConcurrencyLimit
-from ..guards.cache import Cache, CacheStore, MemoryCacheStore, cache_key
+from ..guards.cache import AsyncCacheStore, Cache, CacheStore, cache_key
 from ..guards.coalesce import Coalescer
-from ..guards.limiter import RateLimiter
 from ..guards.pipeline import Guard, Pipeline
 from ..guards.retry import Retry
 from ..guards.semantic import InMemoryVectorIndex, VectorIndex
@@ -338,7 +338,6 @@ _RESPONSE_TYPES: dict[str, Callable[[Any], Any]] = {
     "chat.completions": openai.types.chat.ChatCompletion.model_validate,
     "responses": openai.types.responses.Response.model_validate,
 }
-_CACHE_STORE_FIELDS = {"max_entries", "max_bytes"}
 
 
 def _dump(response: Any) -> Any:
@@ -359,7 +358,7 @@ class OpenAIGuard:
         self,
         client: openai.OpenAI | openai.AsyncOpenAI,
         policy: Policy,
-        backend: MemoryBackend,
+        backend: Backend,
         *,
         estimator: TokenEstimator = heuristic_estimator,
         clock: Clock = SYSTEM_CLOCK,
@@ -376,18 +375,14 @@ class OpenAIGuard:
         self.scope = _credential_scope(client)
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
         caching = policy.cache
-        self.store: CacheStore | None = None
+        self.store: CacheStore | AsyncCacheStore | None = None
         self.embedding_cache: Cache | None = None
         self.response_caches: dict[str, Cache] = {}
         self.semantic_index: VectorIndex | None = None
         #: chat completions answered by the semantic cache (telemetry)
         self.semantic_hits = 0
         if caching.enabled:
-            self.store = backend.get_or_create(
-                "cache_store",
-                caching.model_dump_json(include=_CACHE_STORE_FIELDS),
-                lambda: MemoryCacheStore(caching.max_entries, caching.max_bytes, clock=clock),
-            )
+            self.store = _stateful.cache_store(backend, caching, clock=clock)
             if caching.embeddings:
                 self.embedding_cache = Cache.from_policy(
                     caching, store=self.store, encode=_encode_vector, decode=_decode_vector, clock=clock
@@ -453,13 +448,13 @@ class OpenAIGuard:
         if policy.timeout.total is not None:
             guards.append(Deadline(policy.timeout.total, clock=clock))
         if policy.breaker.enabled:
-            name = f"openai:{endpoint}:{model}"
-            section = policy.breaker
             guards.append(
-                backend.get_or_create(
-                    "breaker",
-                    f"{scope}:{endpoint}:{model}:{section.model_dump_json()}",
-                    lambda: CircuitBreaker.from_policy(section, name=name, clock=clock),
+                _stateful.circuit_breaker(
+                    backend,
+                    f"{scope}:{endpoint}:{model}",
+                    policy.breaker,
+                    clock=clock,
+                    label=f"openai:{endpoint}:{model}",
                 )
             )
         if policy.retry.enabled:
@@ -467,13 +462,7 @@ class OpenAIGuard:
         limits = policy.rate_limit
         if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
             bucket = scope if limits.scope == "credential" else f"{scope}:{model}"
-            guards.append(
-                backend.get_or_create(
-                    "rate_limit",
-                    f"{bucket}:{limits.model_dump_json()}",
-                    lambda: RateLimiter.from_policy(limits, clock=clock, name=bucket),
-                )
-            )
+            guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))
         if policy.concurrency.enabled:
             section_c = policy.concurrency
             guards.append(
@@ -778,7 +767,7 @@ def guard_openai(
     client: openai.OpenAI | openai.AsyncOpenAI,
     policy: Policy | None = None,
     *,
-    backend: MemoryBackend | None = None,
+    backend: Backend | None = None,
     estimator: TokenEstimator = heuristic_estimator,
     clock: Clock = SYSTEM_CLOCK,
 ) -> Any:

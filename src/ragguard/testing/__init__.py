@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         SimulatorConfig,
         SimulatorStats,
     )
+    from .redis_server import RedisCluster, RedisServer, redis_cluster_url_or_start, redis_url_or_start
 
 __all__ = [
     "BucketStats",
@@ -36,12 +37,16 @@ __all__ = [
     "ModelLimits",
     "OpenAISimulator",
     "ProcessServable",
+    "RedisCluster",
+    "RedisServer",
     "ServeMode",
     "Served",
     "SimulatedConnectionDrop",
     "SimulatorConfig",
     "SimulatorStats",
     "aserve",
+    "redis_cluster_url_or_start",
+    "redis_url_or_start",
     "serve",
     "set_testing",
 ]
@@ -59,6 +64,10 @@ _LAZY = {
     "Served": "._serve",
     "aserve": "._serve",
     "serve": "._serve",
+    "RedisServer": ".redis_server",
+    "RedisCluster": ".redis_server",
+    "redis_url_or_start": ".redis_server",
+    "redis_cluster_url_or_start": ".redis_server",
 }
 
 
