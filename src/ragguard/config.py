@@ -131,6 +131,10 @@ class RateLimitPolicy(_Section):
     share_retry_after: bool = True
     #: longest the limiter waits for capacity, seconds (``None``: until the call's deadline)
     max_wait: float | None = Field(default=None, ge=0)
+    #: shared backends only (:class:`~ragguard.RedisBackend`): lease mode, requests taken per round trip and
+    #: spent locally (``None``: strict, one round trip per call). Over any window the instances together may
+    #: exceed the quota by at most ``lease × instances`` requests (see :class:`~ragguard.SharedRateLimiter`).
+    lease: int | None = Field(default=None, ge=1)
 
 
 class ConcurrencyPolicy(_Section):

@@ -19,11 +19,13 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast, overload
 
+from . import _stateful
 from ._clock import SYSTEM_CLOCK
 from ._context import CallContext
 from ._outcome import classify_exception
 from ._sync import run_in_worker, run_sync
-from .config import JitterKind
+from .backends.base import Backend
+from .config import BreakerPolicy, JitterKind, RateLimitPolicy
 from .guards.breaker import CircuitBreaker
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.limiter import RateLimiter
@@ -125,16 +127,29 @@ def retry(fn: F | None = None, /, **options: Any) -> F | Callable[[F], F]:
     return apply(fn) if fn is not None else apply
 
 
-def circuit_breaker(name: str | None = None, **options: Any) -> Callable[[F], F]:
-    """Protect the decorated function with a :class:`~ragguard.CircuitBreaker` (one per function).
+def circuit_breaker(name: str | None = None, *, backend: Backend | None = None, **options: Any) -> Callable[[F], F]:
+    """Protect the decorated function with a circuit breaker (one per function, or per ``name``).
 
     Args:
-        name: the breaker's name in errors and health reports (default: the function's qualified name).
+        name: the breaker's name in errors and health reports (default: the function's qualified name); with a
+            shared ``backend``, every process using this name shares one breaker.
+        backend: a :class:`~ragguard.RedisBackend` to share the breaker's state (open, failures, the half-open
+            probe) across processes: a :class:`~ragguard.SharedCircuitBreaker`. Default: a local
+            :class:`~ragguard.CircuitBreaker`.
         **options: :class:`~ragguard.CircuitBreaker` options (``failure_threshold``, ``open_duration``…).
+
+    Raises:
+        pydantic.ValidationError: (when decorating, with a backend) an invalid option, naming the field.
     """
+    if backend is not None:
+        clock = options.pop("clock", SYSTEM_CLOCK)
+        section = BreakerPolicy(**options)
 
     def apply(f: F) -> F:
-        return guarded(CircuitBreaker(name or qualified_name(f), **options), f)
+        label = name or qualified_name(f)
+        if backend is not None:
+            return guarded(_stateful.circuit_breaker(backend, label, section, clock=clock, label=label), f)
+        return guarded(CircuitBreaker(label, **options), f)
 
     return apply
 
@@ -145,6 +160,8 @@ def rate_limit(
     *,
     tokens: Callable[..., float] | None = None,
     limiter: RateLimiter | None = None,
+    backend: Backend | None = None,
+    name: str | None = None,
     **options: Any,
 ) -> Callable[[F], F]:
     """Pace the decorated function with a token bucket: ``rpm`` requests and ``tpm`` tokens per minute.
@@ -154,11 +171,26 @@ def rate_limit(
         tpm: tokens per minute; ``tokens(*args, **kwargs)`` gives each call's cost.
         tokens: the token cost of a call, computed from its arguments.
         limiter: share an existing :class:`~ragguard.RateLimiter` between functions instead of making one.
+        backend: a :class:`~ragguard.RedisBackend` to share the bucket across processes (a
+            :class:`~ragguard.SharedRateLimiter`; ``lease=N`` for lease mode). Default: a local limiter.
+        name: with ``backend``, the bucket's name (default: the function's qualified name): every process and
+            function using one name shares one quota.
         **options: other :class:`~ragguard.RateLimiter` options (``burst_seconds``, ``max_wait``…).
 
     Raises:
         RateLimitTimeout: (from the call) admission would have waited past ``max_wait`` or the deadline.
     """
+    if backend is not None:
+        if limiter is not None:
+            raise TypeError("pass either limiter= or backend=, not both")
+        clock = options.pop("clock", SYSTEM_CLOCK)
+        section = RateLimitPolicy(rpm=rpm, tpm=tpm, **options)
+
+        def apply_shared(f: F) -> F:
+            guard = _stateful.rate_limiter(backend, name or qualified_name(f), section, clock=clock)
+            return guarded(guard, f, tokens=tokens)
+
+        return apply_shared
     shared = limiter if limiter is not None else RateLimiter(rpm=rpm, tpm=tpm, **options)
 
     def apply(f: F) -> F:

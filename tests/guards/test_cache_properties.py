@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ragguard import ManualClock
-from ragguard.guards.cache import Cache, MemoryCacheStore, cache_key, fingerprint
+from ragguard.guards.cache import Cache, MemoryCacheStore, _prefix, cache_key, fingerprint
 
 # --- cache_key -------------------------------------------------------------------------------------------------
 
@@ -95,8 +95,8 @@ def test_a_fingerprinted_credential_never_appears_in_a_key(
     assert secret not in fp
     for key in (cache_key(ns, scope, fp, secret, *parts), Cache(namespace=ns, scope=scope).key_for(fp, secret)):
         # the key holds the namespace and scope in clear, the rest is a hex digest
-        assert secret not in key.removeprefix(f"{ns}:{'-' if scope is None else scope}:")
-        if secret not in ns and (scope is None or secret not in scope):
+        assert secret not in key.removeprefix(_prefix(ns, scope))
+        if secret not in _prefix(ns, scope):
             assert secret not in key
     if other != secret:
         assert cache_key(ns, scope, fingerprint(other), *parts) != cache_key(ns, scope, fp, *parts)
@@ -171,12 +171,12 @@ def run_shared_store(caches: list[tuple[str, str | None]], ops: list[tuple[Any, 
             return guards[key.cache].key_for(key.credential, key.part)
         if isinstance(key, Forged):
             ns, scope = caches[key.cache]
-            return f"{ns}:{'-' if scope is None else scope}:{key.rest}"
+            return _prefix(ns, scope) + key.rest
         return key
 
     def logical(c: int, key: str) -> str:
         ns, scope = caches[c]
-        return key.removeprefix(f"{ns}:{'-' if scope is None else scope}:")
+        return key.removeprefix(_prefix(ns, scope))
 
     async def main() -> None:
         for n, (op, c, arg) in enumerate(ops):

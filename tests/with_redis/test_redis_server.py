@@ -1,4 +1,4 @@
-"""The real-Redis test infrastructure: ragguard.testing.redis_server and the fixtures of tests/with_redis/conftest.py."""
+"""The real-Redis test infrastructure: ragguard.testing.redis_server and the fixtures in tests/with_redis."""
 
 from __future__ import annotations
 

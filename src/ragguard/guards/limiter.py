@@ -180,8 +180,9 @@ class RateLimiter(GuardBase):
 
     @classmethod
     def from_policy(cls, section: RateLimitPolicy, **extras: Any) -> RateLimiter:
-        """Build a limiter from a :class:`~ragguard.RateLimitPolicy` plus ``clock``, ``name``, ``rng``."""
-        return cls(**section.model_dump(), **extras)
+        """Build a limiter from a :class:`~ragguard.RateLimitPolicy` plus ``clock``, ``name``, ``rng`` (``lease``
+        concerns shared limiters only: a local limiter has no round trips to save)."""
+        return cls(**section.model_dump(exclude={"lease"}), **extras)
 
     # --- read-only views -------------------------------------------------------------------------------
 
