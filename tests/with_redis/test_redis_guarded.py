@@ -135,3 +135,17 @@ def test_demo_workers_share_one_quota_through_redis(redis_flushed: str) -> None:
     assert guarded.upstream_429 <= 0.01 * guarded.upstream_requests
     assert [w.users for w in guarded.workers] == [60, 60]
     assert sum(w.succeeded for w in guarded.workers) == 120
+
+
+def test_policy_lease_reaches_the_shared_limiter_and_a_local_one_ignores_it(redis_url: str) -> None:
+    from ragguard import _stateful
+    from ragguard.config import RateLimitPolicy
+
+    section = RateLimitPolicy(rpm=600, lease=5)
+    shared = _stateful.rate_limiter(RedisBackend(redis_url), "bucket", section, clock=ragguard.SYSTEM_CLOCK)
+    assert isinstance(shared, ragguard.SharedRateLimiter)
+    assert shared.lease == 5
+    local = _stateful.rate_limiter(ragguard.MemoryBackend(), "bucket", section, clock=ragguard.SYSTEM_CLOCK)
+    assert isinstance(local, ragguard.RateLimiter)
+    with pytest.raises(ValueError, match="lease"):
+        RateLimitPolicy(lease=0)

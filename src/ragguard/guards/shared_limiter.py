@@ -392,8 +392,9 @@ class SharedRateLimiter(GuardBase):
         cls, section: RateLimitPolicy, *, store: BucketStore | BucketStoreProvider, **extras: Any
     ) -> SharedRateLimiter:
         """Build a limiter from a :class:`~ragguard.RateLimitPolicy`, a ``store`` and the keyword arguments of
-        the constructor (``name``, ``clock``, ``on_unavailable``, ``expected_instances``, ``lease``, …)."""
-        return cls(store, **section.model_dump(), **extras)
+        the constructor (``name``, ``clock``, ``on_unavailable``, ``expected_instances``, ``lease``, …); an
+        extra given here overrides the policy's value of the same name (e.g. ``lease``)."""
+        return cls(store, **{**section.model_dump(), **extras})
 
     # --- read-only views -------------------------------------------------------------------------------
 
