@@ -149,3 +149,30 @@ def test_policy_lease_reaches_the_shared_limiter_and_a_local_one_ignores_it(redi
     assert isinstance(local, ragguard.RateLimiter)
     with pytest.raises(ValueError, match="lease"):
         RateLimitPolicy(lease=0)
+
+
+@pytest.mark.anyio
+async def test_acl_user_and_password_come_from_the_url() -> None:
+    from ragguard.testing import RedisServer
+
+    with RedisServer(username="app", password="s3cret-pass") as server:
+        good = RedisBackend(f"redis://app:s3cret-pass@127.0.0.1:{server.port}/0")
+        assert await good.ping()
+        assert "s3cret-pass" not in repr(good)  # the password never reaches logs
+        bad = RedisBackend(f"redis://app:wrong@127.0.0.1:{server.port}/0")
+        assert not await bad.ping()  # refused: reported unavailable, not raised
+        await good.aclose()
+        await bad.aclose()
+
+
+@pytest.mark.openai
+def test_sync_clients_share_the_cache_through_redis(redis_flushed: str) -> None:
+    from openai import OpenAI
+
+    with serve(OpenAISimulator(SimulatorConfig.instant(rpm=None, tpm=None))) as served:
+        for _ in range(2):
+            with ragguard.guard(
+                OpenAI(base_url=served.base_url, api_key=KEY), backend=RedisBackend(redis_flushed)
+            ) as client:
+                assert client.chat.completions.create(**CHAT).choices
+        assert served.stats().requests_total == 1
