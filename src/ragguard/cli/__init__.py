@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--repeat-share",
         type=float,
-        default=0.5,
-        help="share of users asking a popular question word for word (0-1, default 0.5); the rest ask their own",
+        default=0.3,
+        help="share of users asking a popular question word for word (0-1, default 0.3); the rest ask their own",
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed for the simulator and the scenario")
     demo.add_argument(
