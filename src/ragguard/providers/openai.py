@@ -579,35 +579,34 @@ class OpenAIGuard:
         return lambda: run_in_worker(blocking_attempt)
 
     async def acreate(self, endpoint: str, kwargs: dict[str, Any], options: CallOptions | None = None) -> Any:
-        """``<endpoint>.create(**kwargs)`` through the pipeline: cache → single-flight → deadline → breaker →
-        retry → rate limit → concurrency → attempt timeout → the SDK (the async core of both client kinds)."""
+        """``<endpoint>.create(**kwargs)`` through the pipeline: cache → single-flight → deadline → retry →
+        breaker → rate limit → concurrency → attempt timeout → the SDK (the async core of both client kinds)."""
         if options is None:
             options = current_call_options()
         model = kwargs.get("model")
         pipeline = self.pipeline(endpoint, model if isinstance(model, str) else "")
         cost = _estimate(endpoint, kwargs, self.estimator)
         ctx = pipeline.context(tokens=float(cost.reserved), operation=endpoint)
-        ctx.extras = self._keys(endpoint, kwargs, options)
+        extras = ctx.extras = self._keys(endpoint, kwargs, options)
         attempt = self._attempt(endpoint, kwargs, ctx, cost)
-        if self.semantic_index is not None and endpoint == "chat.completions" and ctx.extras:
-            cache_key_ = ctx.extras.get("cache_key")
-            if cache_key_ is not None:
-                return await self._semantic(pipeline, ctx, attempt, kwargs, options, cache_key_)
+        index = self.semantic_index
+        if index is not None and endpoint == "chat.completions" and extras and "cache_key" in extras:
+            return await self._semantic(index, pipeline, ctx, extras, attempt, kwargs, options)
         return await pipeline.run(attempt, ctx)
 
     async def _semantic(
         self,
+        index: VectorIndex,
         pipeline: Pipeline,
         ctx: CallContext,
+        extras: dict[str, Any],
         attempt: Callable[[], Any],
         kwargs: dict[str, Any],
         options: CallOptions,
-        key: str,
     ) -> Any:
         """A chat completion through the semantic cache: exact hit, else a near-enough cached prompt's answer,
         else the pipeline (whose exact cache fills), then the prompt joins the index."""
-        cache, index = self.response_caches["chat.completions"], self.semantic_index
-        assert index is not None
+        cache, key = self.response_caches["chat.completions"], extras["cache_key"]
         found = await cache.get(key, _MISSING, record=False)
         text = _prompt_text(kwargs)
         if found is not _MISSING or text is None:
@@ -624,9 +623,8 @@ class OpenAIGuard:
             answer = await cache.get(near[0], _MISSING)
             if answer is not _MISSING:
                 self.semantic_hits += 1
-                assert ctx.extras is not None
-                ctx.extras["cache_hit"] = "semantic"
-                ctx.extras["semantic_distance"] = near[1]
+                extras["cache_hit"] = "semantic"
+                extras["semantic_distance"] = near[1]
                 return answer
             await index.remove(partition, near[0])  # its answer expired or was evicted
         result = await pipeline.run(attempt, ctx)
@@ -680,14 +678,15 @@ class OpenAIGuard:
             return await self.acreate("embeddings", kwargs, options)
         dimensions, encoding_format = kwargs.get("dimensions"), kwargs.get("encoding_format")
         vectors: list[Any] = [_MISSING] * len(texts)
-        keys: list[str] = []
+        keys: dict[str, str] = {}  # text -> its cache key
         if cache is not None:
             scope = self._key_scope(options)
             for i, text in enumerate(texts):
-                digest = hashlib.sha256(text.encode()).hexdigest()
-                parts = ("openai.embeddings", model, dimensions, encoding_format, digest)
-                key = cache_key(cache.policy.namespace, scope, self.scope, *parts)
-                keys.append(key)
+                key = keys.get(text)
+                if key is None:
+                    digest = hashlib.sha256(text.encode()).hexdigest()
+                    parts = ("openai.embeddings", model, dimensions, encoding_format, digest)
+                    key = keys[text] = cache_key(cache.policy.namespace, scope, self.scope, *parts)
                 vectors[i] = await cache.get(key, _MISSING)
         missing = [i for i, vector in enumerate(vectors) if vector is _MISSING]
         tokens = 0
@@ -713,7 +712,7 @@ class OpenAIGuard:
                 vectors[i] = fetched[texts[i]]
             if cache is not None:
                 for text, vector in fetched.items():
-                    await cache.set(keys[texts.index(text)], vector)
+                    await cache.set(keys[text], vector)
         return _embedding_response(vectors, model, tokens)
 
 
