@@ -44,14 +44,12 @@ from ..backends.memory import default_backend
 from ..config import Policy
 from ..errors import RagGuardError, StreamInterrupted
 from ..guards.batch import MicroBatcher
-from ..guards.bulkhead import ConcurrencyLimit
 from ..guards.cache import AsyncCacheStore, Cache, CacheStore, cache_key
 from ..guards.coalesce import Coalescer
 from ..guards.pipeline import Guard, Pipeline
-from ..guards.retry import Retry
 from ..guards.semantic import InMemoryVectorIndex, VectorIndex
-from ..guards.timeout import Deadline, Timeout
 from ._proxy import AttributeProxy
+from .generic import build_pipeline
 
 __all__ = ["GuardedOpenAIClient", "OpenAIGuard", "classify_openai", "guard_openai", "is_openai_client"]
 
@@ -438,43 +436,24 @@ class OpenAIGuard:
         return pipeline
 
     def _build(self, endpoint: str, model: str) -> Pipeline:
-        policy, backend, clock, scope = self.policy, self.backend, self.clock, self.scope
-        guards: list[Guard] = []
+        scope = self.scope
+        outer: list[Guard] = []
         cache = self.response_caches.get(endpoint)
         if cache is not None:
-            guards.append(cache)
-        if policy.coalesce.enabled:
-            guards.append(self.coalescer)
-        if policy.timeout.total is not None:
-            guards.append(Deadline(policy.timeout.total, clock=clock))
-        if policy.breaker.enabled:
-            guards.append(
-                _stateful.circuit_breaker(
-                    backend,
-                    f"{scope}:{endpoint}:{model}",
-                    policy.breaker,
-                    clock=clock,
-                    label=f"openai:{endpoint}:{model}",
-                )
-            )
-        if policy.retry.enabled:
-            guards.append(Retry.from_policy(policy.retry, clock=clock))
-        limits = policy.rate_limit
-        if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
-            bucket = scope if limits.scope == "credential" else f"{scope}:{model}"
-            guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))
-        if policy.concurrency.enabled:
-            section_c = policy.concurrency
-            guards.append(
-                backend.get_or_create(
-                    "concurrency",
-                    f"{scope}:{section_c.model_dump_json()}",
-                    lambda: ConcurrencyLimit.from_policy(section_c, clock=clock, name=scope),
-                )
-            )
-        if policy.timeout.attempt is not None:
-            guards.append(Timeout(policy.timeout.attempt, clock=clock))
-        return Pipeline(*guards, clock=clock, classify=classify_openai)
+            outer.append(cache)
+        if self.policy.coalesce.enabled:
+            outer.append(self.coalescer)
+        return build_pipeline(
+            self.policy,
+            self.backend,
+            breaker=f"{scope}:{endpoint}:{model}",
+            label=f"openai:{endpoint}:{model}",
+            bucket=scope if self.policy.rate_limit.scope == "credential" else f"{scope}:{model}",
+            bulkhead=scope,
+            clock=self.clock,
+            classify=classify_openai,
+            outer=outer,
+        )
 
     # keys ----------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""Any client, by method map: ``ragguard.guard(obj, methods={"search": policy, "upsert": write_policy})``.
+
+The named methods (sync or async) run through a pipeline built from their policy; every other attribute is the
+object's own, untouched. Errors are judged by the generic classifier (:func:`ragguard.classify_exception`):
+HTTP status codes found on the exception (``status_code``, ``status``, ``code``, ``response.status_code``) and
+``Retry-After`` headers are honoured, connection errors and timeouts are retried, 400/401/403/404/422 never.
+
+:func:`build_pipeline` is also the common part of the provider modules' pipelines (OpenAI, Pinecone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .. import _stateful
+from .._clock import SYSTEM_CLOCK, Clock
+from .._outcome import Classifier, classify_exception
+from ..backends.base import Backend
+from ..backends.memory import default_backend
+from ..config import Policy
+from ..errors import ConfigError
+from ..guards.bulkhead import ConcurrencyLimit
+from ..guards.pipeline import Guard, Pipeline
+from ..guards.retry import Retry
+from ..guards.timeout import Deadline, Timeout
+from ._proxy import AttributeProxy
+
+__all__ = ["GuardedObject", "build_pipeline", "guard_methods"]
+
+
+def build_pipeline(
+    policy: Policy,
+    backend: Backend,
+    *,
+    breaker: str,
+    bucket: str,
+    bulkhead: str,
+    clock: Clock = SYSTEM_CLOCK,
+    classify: Classifier = classify_exception,
+    label: str = "",
+    outer: Sequence[Guard] = (),
+) -> Pipeline:
+    """The standard pipeline of ``policy``: deadline → retry → circuit breaker → rate limit → concurrency limit
+    → attempt timeout, each section skipped when disabled.
+
+    Args:
+        policy: the sections to build from.
+        backend: holds the stateful guards, so every pipeline naming the same ``breaker`` / ``bucket`` /
+            ``bulkhead`` (with the same settings) shares one, in this process or, with a shared backend, across
+            processes.
+        breaker, bucket, bulkhead: the names of the circuit breaker, the rate-limit bucket and the bulkhead.
+        clock: the clock of every guard.
+        classify: turns an attempt's exception into an :class:`~ragguard.Outcome`.
+        label: the breaker's name in errors (default: ``breaker``).
+        outer: guards placed before the standard ones (e.g. a cache and a coalescer).
+    """
+    guards: list[Guard] = list(outer)
+    if policy.timeout.total is not None:
+        guards.append(Deadline(policy.timeout.total, clock=clock))
+    if policy.breaker.enabled:
+        guards.append(_stateful.circuit_breaker(backend, breaker, policy.breaker, clock=clock, label=label or breaker))
+    if policy.retry.enabled:
+        guards.append(Retry.from_policy(policy.retry, clock=clock))
+    limits = policy.rate_limit
+    if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
+        guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))
+    if policy.concurrency.enabled:
+        section = policy.concurrency
+        guards.append(
+            backend.get_or_create(
+                "concurrency",
+                f"{bulkhead}:{section.model_dump_json()}",
+                lambda: ConcurrencyLimit.from_policy(section, clock=clock, name=bulkhead),
+            )
+        )
+    if policy.timeout.attempt is not None:
+        guards.append(Timeout(policy.timeout.attempt, clock=clock))
+    return Pipeline(*guards, clock=clock, classify=classify)
+
+
+class GuardedObject(AttributeProxy):
+    """The proxy :func:`ragguard.guard` returns for ``methods=``: the object's interface, chosen methods guarded.
+
+    Usable as a context manager when the object is one (``with`` / ``async with`` reach the object's own).
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> GuardedObject:
+        object.__getattribute__(self, "_target").__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return object.__getattribute__(self, "_target").__exit__(*exc_info)
+
+    async def __aenter__(self) -> GuardedObject:
+        await object.__getattribute__(self, "_target").__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        return await object.__getattribute__(self, "_target").__aexit__(*exc_info)
+
+
+def guard_methods(
+    obj: Any,
+    methods: Mapping[str, Policy | None],
+    policy: Policy | None = None,
+    *,
+    backend: Backend | None = None,
+    classify: Classifier = classify_exception,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Any:
+    """Wrap the methods named in ``methods`` of ``obj``; see :func:`ragguard.guard`.
+
+    Each method gets its own pipeline (breaker, bucket and bulkhead named ``"{type}.{method}"``), from its
+    policy, or ``policy`` (default ``Policy()``) where the map gives ``None``.
+
+    Raises:
+        ConfigError: ``methods`` is empty, or names an attribute that is missing or not callable.
+    """
+    from ..decorators import guarded
+
+    if not methods:
+        raise ConfigError("methods= must name at least one method to guard")
+    backend = backend if backend is not None else default_backend()
+    default = policy if policy is not None else Policy()
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    overrides: dict[str, Any] = {}
+    for name, method_policy in methods.items():
+        method = getattr(obj, name, None)
+        if method is None or not callable(method):
+            raise ConfigError(f"{kind} has no method {name!r} to guard")
+        label = f"{kind}.{name}"
+        pipeline = build_pipeline(
+            method_policy if method_policy is not None else default,
+            backend,
+            breaker=label,
+            bucket=label,
+            bulkhead=label,
+            clock=clock,
+            classify=classify,
+        )
+        overrides[name] = guarded(pipeline, method)
+    return GuardedObject(obj, overrides)
