@@ -2,7 +2,7 @@
 
 The named methods (sync or async) run through a pipeline built from their policy; every other attribute is the
 object's own, untouched. Errors are judged by the generic classifier (:func:`ragguard.classify_exception`):
-HTTP status codes found on the exception (``status_code``, ``status``, ``code``, ``response.status_code``) and
+HTTP status codes found on the exception (``status_code`` or ``response.status_code``) and
 ``Retry-After`` headers are honoured, connection errors and timeouts are retried, 400/401/403/404/422 never.
 
 :func:`build_pipeline` is also the common part of the provider modules' pipelines (OpenAI, Pinecone).
