@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         SimulatorConfig,
         SimulatorStats,
     )
+    from .pinecone_simulator import PineconeSimulator, PineconeSimulatorConfig, PineconeSimulatorStats
     from .redis_server import RedisCluster, RedisServer, redis_cluster_url_or_start, redis_url_or_start
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "HintStyle",
     "ModelLimits",
     "OpenAISimulator",
+    "PineconeSimulator",
+    "PineconeSimulatorConfig",
+    "PineconeSimulatorStats",
     "ProcessServable",
     "RedisCluster",
     "RedisServer",
@@ -65,6 +69,9 @@ _LAZY = {
     "aserve": "._serve",
     "serve": "._serve",
     "RedisServer": ".redis_server",
+    "PineconeSimulator": ".pinecone_simulator",
+    "PineconeSimulatorConfig": ".pinecone_simulator",
+    "PineconeSimulatorStats": ".pinecone_simulator",
     "RedisCluster": ".redis_server",
     "redis_url_or_start": ".redis_server",
     "redis_cluster_url_or_start": ".redis_server",
