@@ -61,3 +61,16 @@ def test_bad_options_name_the_field() -> None:
         DemoOptions(users=0)
     with pytest.raises(ValidationError, match="modes"):
         DemoOptions(modes=("naive", "yolo"))
+
+
+@pytest.mark.pinecone
+def test_the_rag_round_trip_at_small_scale() -> None:
+    options = DemoOptions(users=60, rpm=3000, tpm=1_000_000, rag=True, corpus=60, modes=("naive", "guarded"))
+    report = anyio.run(run_demo, options)
+    naive, guarded = report.modes
+    assert report.rag
+    assert guarded.vectors_stored == 60  # every chunk landed, in bulk, within the index's write limit
+    assert guarded.vector_429 == 0
+    assert guarded.succeeded == 60
+    assert naive.vectors_stored < guarded.vectors_stored  # one upsert per chunk at once meets the write limit
+    assert naive.vector_429 > 0

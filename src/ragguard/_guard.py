@@ -33,6 +33,11 @@ def guard(
     (requests and tokens) → concurrency limit → attempt timeout, and the SDK's own retries are switched off
     (``max_retries=0``) so attempts never multiply. Everything else passes through untouched.
 
+    Pinecone 10.x index clients (``pc.Index(host=...)``, ``pc.IndexAsyncio(host=...)``): ``upsert`` is chunked by
+    count and bytes and sent concurrently, ``query`` results are cached until a write through a guarded client,
+    and every data-plane call runs through the pipeline with the SDK's own retries off (see
+    :mod:`ragguard.providers.pinecone`).
+
     Any other object: name the methods to guard, ``ragguard.guard(obj, methods={"search": None, "upsert":
     write_policy})`` (a ``None`` policy means ``policy``); they run, sync or async, through deadline → retry →
     circuit breaker → rate limit → concurrency limit → attempt timeout, judged by the generic classifier.
@@ -74,8 +79,15 @@ def guard(
                 clock=clock,
             )
             return proxy  # type: ignore[no-any-return]
+    if module == "pinecone":
+        from .providers.pinecone import guard_pinecone, is_pinecone_index
+
+        if is_pinecone_index(client):
+            index: Any = guard_pinecone(client, policy, backend=backend, clock=clock)  # type: ignore[arg-type]
+            return index  # type: ignore[no-any-return]
     raise ConfigError(
         f"ragguard.guard does not know how to wrap {type(client).__module__}.{type(client).__qualname__}; "
-        "supported: openai.OpenAI, openai.AsyncOpenAI; for any other object pass methods={'name': policy, ...} "
+        "supported: openai.OpenAI, openai.AsyncOpenAI, pinecone Index / AsyncIndex; for any other object pass "
+        "methods={'name': policy, ...} "
         "(or decorate your calls with @ragguard.retry & co.)"
     )

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="naive,sdk-default,guarded",
         help="comma-separated modes to run (default: all three)",
     )
+    demo.add_argument(
+        "--rag",
+        action="store_true",
+        help="preview: the full RAG round trip (ingest a corpus into a Pinecone-compatible index, retrieve per user)",
+    )
+    demo.add_argument(
+        "--corpus", type=int, default=200, help="knowledge-base chunks to ingest before users arrive (default: 200)"
+    )
     demo.add_argument("--workers", type=int, default=1, help="OS processes to split the users between (default: 1)")
     demo.add_argument(
         "--redis",
@@ -75,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tpm=args.tpm,
             faults=args.faults,
             repeat_share=args.repeat_share,
+            rag=args.rag,
+            corpus=args.corpus,
             workers=args.workers,
             redis=args.redis,
             seed=args.seed,

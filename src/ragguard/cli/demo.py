@@ -9,6 +9,7 @@ burst). 30 % of the users ask a popular question word for word (``repeat_share``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,6 +30,13 @@ MODES = ("naive", "sdk-default", "guarded")
 EMBED_MODEL = "text-embedding-3-small"
 CHAT_MODEL = "gpt-4o-mini"
 MAX_TOKENS = 64
+#: embedding size requested (``dimensions``) and the vector index's dimension
+DIMENSIONS = 16
+#: chunks retrieved per question
+TOP_K = 3
+#: texts per embeddings request when the guarded mode ingests
+INGEST_BATCH = 256
+NAMESPACE = "help-centre"
 API_KEY = "sk-ragguard-demo-not-a-real-key"
 
 _QUESTIONS = (
@@ -66,6 +74,13 @@ class DemoOptions(BaseModel):
     repeat_share: float = Field(default=0.3, ge=0, le=1)
     seed: int = 7
     modes: tuple[str, ...] = MODES
+    #: the full RAG round trip (preview): ingest a corpus into a Pinecone-compatible index first, and each user
+    #: retrieves context from it between the embedding and the chat call
+    rag: bool = False
+    #: chunks of the knowledge base ingested (embedded and upserted into the vector index) before users arrive
+    corpus: int = Field(default=200, ge=1, le=100_000)
+    #: the vector index's write limit, upsert requests per second (as a serverless index enforces)
+    index_write_rps: float = Field(default=10.0, gt=0)
     #: OS processes the users are split between (each with its own guarded client)
     workers: int = Field(default=1, ge=1, le=64)
     #: a Redis URL the workers' guarded clients share their limits, breakers and caches through
@@ -112,6 +127,10 @@ class ModeResult(BaseModel):
     theoretical_min_s: float
     goodput: float = Field(description="users served / the users the quota admits in the wall time (burst + refill)")
     errors: dict[str, int] = Field(default_factory=dict, description="failed users by error type")
+    ingest_s: float = Field(default=0.0, description="seconds to embed and upsert the corpus")
+    vectors_stored: int = Field(default=0, description="vectors in the index after ingestion")
+    vector_requests: int = Field(default=0, description="requests the vector store received (ingestion + queries)")
+    vector_429: int = Field(default=0, description="of which answered 429")
     workers: list[WorkerResult] = Field(default_factory=list, description="per worker process (--workers > 1)")
 
 
@@ -125,6 +144,8 @@ class DemoReport(BaseModel):
     modes: list[ModeResult]
     workers: int = 1
     redis: bool = False
+    corpus: int = 0
+    rag: bool = False
 
 
 def _question(user: int, repeat_share: float = 0.3) -> str:
@@ -136,10 +157,18 @@ def _question(user: int, repeat_share: float = 0.3) -> str:
     return f"{_QUESTIONS[user % len(_QUESTIONS)]} (ticket {user})"
 
 
-def _messages(question: str) -> list[dict[str, str]]:
+_FACTS = tuple(sentence.strip() + "." for sentence in _CONTEXT.split(". ") if sentence.strip(". "))
+
+
+def _chunk(i: int) -> str:
+    """Chunk ``i`` of the knowledge base: one of the context's facts, as a page of the help centre says it."""
+    return f"Help centre page {i}: {_FACTS[i % len(_FACTS)].rstrip('.')}."
+
+
+def _messages(question: str, context: str = _CONTEXT) -> list[dict[str, str]]:
     return [
         {"role": "system", "content": _SYSTEM},
-        {"role": "user", "content": f"Context:\n{_CONTEXT}\n\nQuestion: {question}"},
+        {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"},
     ]
 
 
@@ -154,6 +183,20 @@ def guarded_policy(options: DemoOptions) -> Policy:
         # ~330 requests/s at ~30 ms each need ~10-20 in flight; a small bulkhead also keeps the HTTP pool small,
         # whose per-request bookkeeping grows with its connection count (measured: 256 slots cost ~1 s of wall)
         concurrency=ConcurrencyPolicy(max_in_flight=32),
+        breaker=BreakerPolicy(failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0),
+    )
+
+
+def index_policy(options: DemoOptions, *, writes: bool = False) -> Policy:
+    """The guarded mode's policy for the vector index: for the ingestion client, the index's write limit (one
+    policy's ``rpm`` limits reads and writes alike, each in its own bucket, so queries use a client without it)."""
+    return Policy(
+        rate_limit=RateLimitPolicy(rpm=options.index_write_rps * 60 if writes else None, burst_seconds=0.7),
+        retry=RetryPolicy(attempts=8, base=0.2, cap=5.0),
+        timeout=TimeoutPolicy(attempt=2.0 if options.faults == "flaky" else 30.0, total=110.0),
+        # the SDK keeps at most 10 idle connections (pool 20, keep-alive 10): more in flight churns connections
+        # (measured: 32 in flight tripled the users' wall time)
+        concurrency=ConcurrencyPolicy(max_in_flight=8),
         breaker=BreakerPolicy(failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0),
     )
 
@@ -192,9 +235,97 @@ def theoretical_min_s(
     return max(0.0, need)
 
 
-async def _one_user(question: str, embed: Callable[..., Awaitable[Any]], chat: Callable[..., Awaitable[Any]]) -> None:
-    await embed(model=EMBED_MODEL, input=question)
-    await chat(model=CHAT_MODEL, messages=_messages(question), max_tokens=MAX_TOKENS, temperature=0)
+async def _one_user(
+    question: str,
+    embed: Callable[..., Awaitable[Any]],
+    search: Callable[..., Awaitable[Any]] | None,
+    chat: Callable[..., Awaitable[Any]],
+) -> None:
+    """One user's round trip: embed the question, retrieve the top chunks, answer from them."""
+    embedded = await embed(model=EMBED_MODEL, input=question, dimensions=DIMENSIONS)
+    context = _CONTEXT
+    if search is not None:
+        found = await search(vector=embedded.data[0].embedding, top_k=TOP_K, namespace=NAMESPACE, include_metadata=True)
+        context = "\n".join(str((match.metadata or {}).get("text", "")) for match in found.matches)
+    await chat(model=CHAT_MODEL, messages=_messages(question, context), max_tokens=MAX_TOKENS, temperature=0)
+
+
+def _pinecone(host: str) -> Any:
+    from pinecone import Pinecone
+
+    return Pinecone(api_key=API_KEY).IndexAsyncio(host=host)
+
+
+async def _ingest(mode: str, base_url: str, host: str, options: DemoOptions) -> float:
+    """Embed and upsert the corpus as the mode would: naive and sdk-default one chunk per call (a typical first
+    version, every chunk at once), guarded in batches; returns the seconds it took. Chunks that fail are lost."""
+    from openai import AsyncOpenAI
+
+    from .._guard import guard
+    from ..providers.pinecone import stable_id
+
+    chunks = [_chunk(i) for i in range(options.corpus)]
+    started = time.perf_counter()
+    if mode == "guarded":
+        backend = _backend(options)
+        client = guard(AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=backend)
+        index = guard(_pinecone(host), index_policy(options, writes=True), backend=backend)
+        try:
+            vectors: list[dict[str, Any]] = []
+
+            async def embed_batch(batch: list[str]) -> None:
+                response = await client.embeddings.create(model=EMBED_MODEL, input=batch, dimensions=DIMENSIONS)
+                for text, item in zip(batch, response.data, strict=True):
+                    vectors.append(
+                        {
+                            "id": stable_id(text, namespace=NAMESPACE),
+                            "values": item.embedding,
+                            "metadata": {"text": text},
+                        }
+                    )
+
+            async with anyio.create_task_group() as tg:
+                for start in range(0, len(chunks), INGEST_BATCH):
+                    tg.start_soon(embed_batch, chunks[start : start + INGEST_BATCH])
+            await index.upsert(vectors=vectors, namespace=NAMESPACE)
+        finally:
+            await client.close()
+            await index.close()
+            if hasattr(backend, "aclose"):
+                await backend.aclose()
+        return time.perf_counter() - started
+
+    shared_client = AsyncOpenAI(base_url=base_url, api_key=API_KEY) if mode == "sdk-default" else None
+    shared_index = _pinecone(host) if mode == "sdk-default" else None
+
+    async def one_chunk(text: str) -> None:
+        try:
+            if shared_client is not None and shared_index is not None:
+                response = await shared_client.embeddings.create(model=EMBED_MODEL, input=text, dimensions=DIMENSIONS)
+                vector = {"id": f"chunk-{text}", "values": response.data[0].embedding, "metadata": {"text": text}}
+                await shared_index.upsert(vectors=[vector], namespace=NAMESPACE)
+                return
+            async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
+                response = await client.embeddings.create(model=EMBED_MODEL, input=text, dimensions=DIMENSIONS)
+            index = _pinecone(host)
+            try:
+                vector = {"id": f"chunk-{text}", "values": response.data[0].embedding, "metadata": {"text": text}}
+                await index.upsert(vectors=[vector], namespace=NAMESPACE)
+            finally:
+                await index.close()
+        except Exception:
+            pass  # the chunk is lost: the first version of an ingestion script rarely notices
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for text in chunks:
+                tg.start_soon(one_chunk, text)
+    finally:
+        if shared_client is not None:
+            await shared_client.close()
+        if shared_index is not None:
+            await shared_index.close()
+    return time.perf_counter() - started
 
 
 def _backend(options: DemoOptions) -> Any:
@@ -211,6 +342,7 @@ async def _run_mode(
     options: DemoOptions,
     on_done: Callable[[bool], None],
     users: Sequence[int] | None = None,
+    host: str | None = None,
 ) -> tuple[list[float], dict[str, int], float]:
     from openai import AsyncOpenAI
 
@@ -219,12 +351,22 @@ async def _run_mode(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     shared: Any = None
+    index: Any = None
     backend: Any = None
     if mode == "sdk-default":
         shared = AsyncOpenAI(base_url=base_url, api_key=API_KEY)
+        index = _pinecone(host) if host is not None else None
     elif mode == "guarded":
         backend = _backend(options)
         shared = guard(AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=backend)
+        index = guard(_pinecone(host), index_policy(options), backend=backend) if host is not None else None
+
+    async def naive_search(**kwargs: Any) -> Any:
+        one = _pinecone(host or "")
+        try:
+            return await one.query(**kwargs)
+        finally:
+            await one.close()
 
     async def naive_embed(**kwargs: Any) -> Any:
         async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
@@ -238,13 +380,16 @@ async def _run_mode(
         embed, chat = naive_embed, naive_chat
     else:
         embed, chat = shared.embeddings.create, shared.chat.completions.create
+    search: Callable[..., Awaitable[Any]] | None = None
+    if host is not None:
+        search = naive_search if index is None else index.query
 
     started = time.perf_counter()
 
     async def user_task(user: int) -> None:
         t0 = time.perf_counter()
         try:
-            await _one_user(_question(user, options.repeat_share), embed, chat)
+            await _one_user(_question(user, options.repeat_share), embed, search, chat)
         except Exception as exc:
             name = type(exc).__name__
             errors[name] = errors.get(name, 0) + 1
@@ -260,13 +405,15 @@ async def _run_mode(
     finally:
         if shared is not None:
             await shared.close()
+        if index is not None:
+            await index.close()
         if backend is not None and hasattr(backend, "aclose"):
             await backend.aclose()
     return latencies, errors, time.perf_counter() - started
 
 
 def _worker_main(
-    mode: str, base_url: str, options_json: str, index: int, counts: Any, go: Any, out: Any
+    mode: str, base_url: str, host: str | None, options_json: str, index: int, counts: Any, go: Any, out: Any
 ) -> None:  # pragma: no cover - runs in a child process (the workers test checks its results)
     """One worker process of a ``--workers`` run: its share of the users, started when every worker is ready."""
     options = DemoOptions.model_validate_json(options_json)
@@ -279,12 +426,12 @@ def _worker_main(
     with counts.get_lock():
         counts[2] = 1  # ready: imports done
     go.wait()
-    latencies, errors, wall = anyio.run(_run_mode, mode, base_url, options, done, users)
+    latencies, errors, wall = anyio.run(_run_mode, mode, base_url, options, done, users, host)
     out.put((index, latencies, errors, wall))
 
 
 async def _run_workers(
-    mode: str, base_url: str, options: DemoOptions, on_done: Callable[[bool], None]
+    mode: str, base_url: str, host: str | None, options: DemoOptions, on_done: Callable[[bool], None]
 ) -> tuple[list[float], dict[str, int], float, list[tuple[list[float], dict[str, int], float]]]:
     """Run one mode in ``options.workers`` processes, started together once all are ready; the merged figures
     (wall time from the common start to the last worker's end), then each worker's."""
@@ -297,7 +444,7 @@ async def _run_workers(
     processes = [
         context.Process(
             target=_worker_main,
-            args=(mode, base_url, options.model_dump_json(), index, counters[index], go, out),
+            args=(mode, base_url, host, options.model_dump_json(), index, counters[index], go, out),
             daemon=True,
         )
         for index in range(options.workers)
@@ -347,6 +494,20 @@ def _simulator(options: DemoOptions) -> Any:
     return OpenAISimulator(SimulatorConfig(rpm=options.rpm, tpm=options.tpm, seed=options.seed))
 
 
+def _index_simulator(options: DemoOptions) -> Any:
+    from ..testing import PineconeSimulator, PineconeSimulatorConfig
+
+    config: dict[str, Any] = {
+        "dimension": DIMENSIONS,
+        "write_rps": options.index_write_rps,
+        "retry_after": "fractional",
+        "seed": options.seed,
+    }
+    if options.faults == "flaky":
+        return PineconeSimulator(PineconeSimulatorConfig.flaky(**config))
+    return PineconeSimulator(PineconeSimulatorConfig(**config))
+
+
 def _figures(stats: dict[str, Any]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
     """Upstream requests, 429s, tokens charged, and per-model admitted requests and tokens."""
     upstream = int(stats["requests_total"])
@@ -384,12 +545,27 @@ async def run_demo(
         options.tpm / 60 / max(1.0, chat_need / options.users),
     )
     results: list[ModeResult] = []
-    with serve(simulator, mode="process") as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as control:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(serve(simulator, mode="process"))
+        index_server = stack.enter_context(serve(_index_simulator(options), mode="process")) if options.rag else None
+        async with contextlib.AsyncExitStack() as clients:
+            control = await clients.enter_async_context(httpx.AsyncClient(base_url=server.url, timeout=30))
+            index_control: httpx.AsyncClient | None = None
+            host: str | None = None
+            if index_server is not None:
+                host = index_server.url
+                index_control = await clients.enter_async_context(httpx.AsyncClient(base_url=host, timeout=30))
             for mode in options.modes:
                 (await control.post("/_sim/reset")).raise_for_status()
                 if on_start is not None:
                     on_start(mode)
+                ingest_s, stored = 0.0, 0
+                if index_control is not None and host is not None:
+                    (await index_control.post("/_sim/reset")).raise_for_status()
+                    ingest_s = await _ingest(mode, server.base_url, host, options)
+                    stored = int((await index_control.get("/_sim/stats")).json().get("vectors_stored", 0))
+                    # the users' figures are measured on a fresh quota: the ingestion's requests do not count there
+                    (await control.post("/_sim/reset")).raise_for_status()
 
                 def done(ok: bool, mode: str = mode) -> None:
                     if on_user is not None:
@@ -397,9 +573,13 @@ async def run_demo(
 
                 per_worker: list[tuple[list[float], dict[str, int], float]] = []
                 if options.workers > 1:
-                    latencies, errors, wall, per_worker = await _run_workers(mode, server.base_url, options, done)
+                    latencies, errors, wall, per_worker = await _run_workers(mode, server.base_url, host, options, done)
                 else:
-                    latencies, errors, wall = await _run_mode(mode, server.base_url, options, done)
+                    latencies, errors, wall = await _run_mode(mode, server.base_url, options, done, None, host)
+                index_stats: dict[str, Any] = {}
+                if index_control is not None:
+                    index_stats = (await index_control.get("/_sim/stats")).json()
+                index_statuses = index_stats.get("responses_by_status", {})
                 stats = (await control.get("/_sim/stats")).json()
                 upstream, too_many, tokens, ok_by_model, tokens_by_model = _figures(stats)
                 succeeded = len(latencies)
@@ -423,6 +603,10 @@ async def run_demo(
                         # the quota admits at most a full bucket plus the refill over the wall time
                         goodput=round(succeeded / (quota_users_per_s * (wall + burst_s)), 4),
                         errors=errors,
+                        ingest_s=round(ingest_s, 4),
+                        vectors_stored=stored,
+                        vector_requests=int(index_stats.get("requests_total", 0)),
+                        vector_429=int(index_statuses.get("429", index_statuses.get(429, 0))),
                         workers=[
                             _worker_result(index, len(range(index, options.users, options.workers)), *figures)
                             for index, figures in enumerate(per_worker)
@@ -437,6 +621,8 @@ async def run_demo(
         modes=results,
         workers=options.workers,
         redis=options.redis is not None,
+        corpus=options.corpus,
+        rag=options.rag,
     )
 
 
@@ -459,11 +645,19 @@ def render_table(report: DemoReport) -> Any:
     from rich.table import Table
 
     table = Table(
-        caption="goodput = users served ÷ users the quota admits in that wall time (a full bucket + refill); "
+        caption=(
+            "ingest = embed and upsert the corpus; vectors = stored afterwards; index reqs = vector-store requests "
+            "(ingestion + queries) and their 429s; upstream … wall = the users' phase at the LLM provider; "
+            if report.rag
+            else ""
+        )
+        + "goodput = users served ÷ users the quota admits in that wall time (a full bucket + refill); "
         "min s = least wall time the quota allows for what the mode sent",
         title=(
             f"Monday morning: {report.modes[0].users if report.modes else 0} users, quota {report.rpm:,.0f} RPM / "
-            f"{report.tpm:,.0f} TPM per model, faults: {report.faults}"
+            f"{report.tpm:,.0f} TPM per model"
+            + (f", {report.corpus} chunks to ingest" if report.rag else "")
+            + f", faults: {report.faults}"
             + (
                 f", {report.workers} worker processes sharing "
                 + ("one quota through Redis" if report.redis else "nothing (each its own limiter)")
@@ -472,8 +666,10 @@ def render_table(report: DemoReport) -> Any:
             )
         ),
     )
+    index_headers = ("ingest s", "vectors", "index reqs (429s)") if report.rag else ()
     for header in (
         "mode",
+        *index_headers,
         "served",
         "failed",
         "upstream",
@@ -489,8 +685,10 @@ def render_table(report: DemoReport) -> Any:
         table.add_column(header, justify="left" if header == "mode" else "right", no_wrap=True)
     for m in report.modes:
         share = m.succeeded / m.users if m.users else 0.0
+        index_cells = (f"{m.ingest_s:.2f}", f"{m.vectors_stored}", f"{m.vector_requests} ({m.vector_429})")
         table.add_row(
             m.mode,
+            *(index_cells if report.rag else ()),
             f"{m.succeeded} ({share:.0%})",
             str(m.failed),
             str(m.upstream_requests),
@@ -506,6 +704,7 @@ def render_table(report: DemoReport) -> Any:
         for w in m.workers:
             table.add_row(
                 f"  worker {w.worker}",
+                *("·" * len(index_headers)),
                 f"{w.succeeded} ({w.succeeded / max(1, w.users):.0%})",
                 str(w.failed),
                 *("·" * 3),
@@ -525,7 +724,7 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 132))  # pipes and CI logs: no wrapping of the table
+        console = Console(width=max(console.width, 180))  # pipes and CI logs: no wrapping of the table
     bars = Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
