@@ -83,7 +83,7 @@ def guard(
         from .providers.pinecone import guard_pinecone, is_pinecone_index
 
         if is_pinecone_index(client):
-            index: Any = guard_pinecone(client, policy, backend=backend, clock=clock)  # type: ignore[arg-type]
+            index: Any = guard_pinecone(client, policy, backend=backend, clock=clock)
             return index  # type: ignore[no-any-return]
     raise ConfigError(
         f"ragguard.guard does not know how to wrap {type(client).__module__}.{type(client).__qualname__}; "
