@@ -81,6 +81,7 @@ from .guards.semantic import InMemoryVectorIndex, VectorIndex, cosine_distance
 from .guards.shared_breaker import BreakerStore, SharedCircuitBreaker
 from .guards.shared_limiter import BucketStore, SharedRateLimiter
 from .guards.timeout import Deadline, Timeout
+from .providers.pinecone import UpsertIncomplete, stable_id
 
 __version__ = "0.1.0"
 
@@ -149,6 +150,7 @@ __all__ = [
     "Timeout",
     "TimeoutPolicy",
     "TokenEstimator",
+    "UpsertIncomplete",
     "VectorIndex",
     "__version__",
     "backoff_delays",
@@ -176,6 +178,7 @@ __all__ = [
     "retry",
     "retry_hint_from_headers",
     "set_testing",
+    "stable_id",
     "tiktoken_estimator",
     "timeout",
     "vector_digest",
