@@ -81,6 +81,7 @@ from .guards.semantic import InMemoryVectorIndex, VectorIndex, cosine_distance
 from .guards.shared_breaker import BreakerStore, SharedCircuitBreaker
 from .guards.shared_limiter import BucketStore, SharedRateLimiter
 from .guards.timeout import Deadline, Timeout
+from .health import HealthReport, ahealth, health
 from .providers.pinecone import UpsertIncomplete, stable_id
 
 __version__ = "0.1.0"
@@ -118,6 +119,7 @@ __all__ = [
     "DeadlineExceeded",
     "Guard",
     "GuardBase",
+    "HealthReport",
     "InMemoryVectorIndex",
     "JitterKind",
     "JsonSerializer",
@@ -153,6 +155,7 @@ __all__ = [
     "UpsertIncomplete",
     "VectorIndex",
     "__version__",
+    "ahealth",
     "backoff_delays",
     "batched",
     "cache_key",
@@ -168,6 +171,7 @@ __all__ = [
     "fingerprint",
     "guard",
     "guarded",
+    "health",
     "heuristic_estimator",
     "is_testing",
     "parse_duration",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="share the workers' limits, breakers and caches through this Redis (default: each process alone)",
     )
+    health = commands.add_parser(
+        "health",
+        help="print liveness and readiness as JSON (exit status 1 when not ready)",
+        description="Report ragguard's health as JSON: the process's guards and, with --redis, whether Redis answers.",
+    )
+    health.add_argument("--redis", metavar="URL", help="also check this Redis backend")
+    health.add_argument(
+        "--fail-closed", action="store_true", help="treat the Redis backend as fail_closed (unreachable = not ready)"
+    )
     demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     demo.add_argument("--no-progress", action="store_true", help="no live progress bars (plain output)")
     return parser
@@ -91,5 +101,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             modes=modes,
         )
         return run_demo_cli(options, json_path=args.json, progress=not args.no_progress)
+    if args.command == "health":
+        return _health(args.redis, args.fail_closed)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _health(redis_url: str | None, fail_closed: bool) -> int:
+    import json
+
+    import anyio
+
+    from ..backends.memory import default_backend
+    from ..health import ahealth
+
+    backends: list[Any] = [default_backend()]
+    if redis_url is not None:
+        from ..backends.redis import RedisBackend
+
+        backends.append(RedisBackend(redis_url, on_unavailable="fail_closed" if fail_closed else "fail_open"))
+    report = anyio.run(ahealth, backends)
+    print(json.dumps(report.model_dump(mode="json"), indent=2))
+    return 0 if report.ready else 1
