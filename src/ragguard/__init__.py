@@ -39,6 +39,7 @@ from .config import (
     JitterKind,
     Policy,
     RateLimitPolicy,
+    RetryBudgetPolicy,
     RetryPolicy,
     SemanticCachePolicy,
     TimeoutPolicy,
@@ -58,6 +59,7 @@ from .errors import (
 )
 from .guards.batch import BatchItemTooLarge, MicroBatcher, batched
 from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
+from .guards.budget import RetryBudget, RetryBudgetExhausted, RetryBudgetStats
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.cache import (
     AsyncCacheStore,
@@ -139,6 +141,10 @@ __all__ = [
     "RedisBackend",
     "RedisBackendOptions",
     "Retry",
+    "RetryBudget",
+    "RetryBudgetExhausted",
+    "RetryBudgetPolicy",
+    "RetryBudgetStats",
     "RetryEvent",
     "RetryExhausted",
     "RetryPolicy",

@@ -28,6 +28,7 @@ __all__ = [
     "JitterKind",
     "Policy",
     "RateLimitPolicy",
+    "RetryBudgetPolicy",
     "RetryPolicy",
     "SemanticCachePolicy",
     "TimeoutPolicy",
@@ -72,6 +73,23 @@ class RetryPolicy(_Section):
         if base is not None and cap < base:
             raise ValueError(f"cap ({cap} s) must be >= base ({base} s)")
         return cap
+
+
+class RetryBudgetPolicy(_Section):
+    """A retry budget (Finagle's ``RetryBudget``, Envoy's retry budgets): over the last ``window_s`` seconds, the
+    retries of one pipeline may be at most ``ratio`` × its requests plus ``min_retries_per_s`` × ``window_s``, so
+    an outage never turns into a retry storm. A retry the budget refuses fails fast with
+    :class:`~ragguard.RetryBudgetExhausted`, the provider's error chained."""
+
+    enabled: bool = True
+    #: retries allowed per request in the window
+    ratio: float = Field(default=0.2, ge=0, le=10)
+    #: retries per second always allowed (the floor, so light traffic can still retry)
+    min_retries_per_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
+    #: the sliding window, seconds (Finagle's ``ttl``)
+    window_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    #: time buckets the window is kept in
+    buckets: int = Field(default=10, ge=1, le=1000)
 
 
 class BreakerPolicy(_Section):
@@ -261,6 +279,7 @@ class Policy(BaseSettings):
     )
 
     retry: RetryPolicy = RetryPolicy()
+    retry_budget: RetryBudgetPolicy = RetryBudgetPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     rate_limit: RateLimitPolicy = RateLimitPolicy()
     concurrency: ConcurrencyPolicy = ConcurrencyPolicy()

@@ -112,3 +112,32 @@ async def test_a_retryable_status_is_retried() -> None:
     with pytest.raises(ragguard.RetryExhausted):
         await guarded.search("q")
     assert client.calls == 3  # every attempt of the policy
+
+
+@pytest.mark.anyio
+async def test_the_retry_budget_keeps_an_outage_from_becoming_a_retry_storm() -> None:
+    import anyio
+
+    client = Flaky(status=503)
+    policy = ragguard.Policy(
+        retry={"attempts": 4, "base": 0.001, "cap": 0.002},
+        retry_budget={"ratio": 0.2, "min_retries_per_s": 0.0},
+        breaker={"enabled": False},
+    )
+    guarded = ragguard.guard(client, policy, methods={"search": None}, backend=ragguard.MemoryBackend())
+    refusals: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await guarded.search("q")
+        except ragguard.RetryBudgetExhausted as exc:
+            refusals.append(exc)
+        except ragguard.RetryExhausted:
+            pass
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(one)
+    assert client.calls <= 120  # (1 + ratio) × offered load; without a budget: 400
+    assert refusals
+    assert all(isinstance(exc.__cause__, RuntimeError) for exc in refusals)  # the provider's error, chained

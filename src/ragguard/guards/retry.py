@@ -26,6 +26,7 @@ from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import JitterKind, RetryPolicy
 from ..errors import ConfigError, RetryExhausted
+from .budget import RetryBudget, RetryBudgetExhausted
 from .pipeline import GuardBase
 
 __all__ = ["Retry", "RetryEvent", "RetryOn", "backoff_delays"]
@@ -143,6 +144,10 @@ class Retry(GuardBase):
         rng: a :class:`random.Random` for reproducible jitter (default: the :mod:`random` module's).
         on_retry: called with a :class:`RetryEvent` before each wait; its exceptions are logged on the
             ``ragguard`` logger at warning level and do not affect the call.
+        budget: a :class:`~ragguard.guards.budget.RetryBudget` (usually shared by every call of a pipeline):
+            each call deposits one request, and each retry, once every other check allowed it, must be granted
+            by the budget; a refused retry fails fast (nothing is slept) with
+            :class:`~ragguard.guards.budget.RetryBudgetExhausted`.
 
     Raises:
         pydantic.ValidationError: a policy field is invalid (the error names it).
@@ -150,7 +155,8 @@ class Retry(GuardBase):
 
     :meth:`run` raises the original exception unchanged when it is not retried, or
     :class:`~ragguard.RetryExhausted` (``__cause__`` and ``last_error`` = the last attempt's error) when the
-    attempts run out, a hint exceeds ``max_retry_after``, or the next wait would pass the deadline.
+    attempts run out, a hint exceeds ``max_retry_after``, the next wait would pass the deadline, or the retry
+    budget refuses the retry (:class:`~ragguard.guards.budget.RetryBudgetExhausted`, a subclass).
 
     Example::
 
@@ -163,6 +169,7 @@ class Retry(GuardBase):
     honours_deadline = True
     __slots__ = (
         "_attempts",
+        "_budget",
         "_deadline",
         "_enabled",
         "_match",
@@ -191,6 +198,7 @@ class Retry(GuardBase):
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
+        budget: RetryBudget | None = None,
     ) -> None:
         policy = RetryPolicy(
             enabled=enabled,
@@ -205,6 +213,8 @@ class Retry(GuardBase):
         )
         if on_retry is not None and not callable(on_retry):
             raise ConfigError(f"on_retry: expected a callable, got {on_retry!r}")
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise ConfigError(f"budget: expected a RetryBudget, got {budget!r}")
         self._policy = policy
         # Plain copies of the policy: read on every call, cheaper than pydantic attribute access.
         self._enabled = policy.enabled
@@ -216,11 +226,13 @@ class Retry(GuardBase):
         self._match = _matcher(on)
         self._uniform: Callable[[float, float], float] = rng.uniform if rng is not None else random.uniform
         self._on_retry = on_retry
+        self._budget = budget
         self.clock = clock
 
     @classmethod
     def from_policy(cls, policy: RetryPolicy, **extras: Any) -> Retry:
-        """A :class:`Retry` configured by ``policy``; ``extras``: ``on``, ``clock``, ``rng``, ``on_retry``."""
+        """A :class:`Retry` configured by ``policy``; ``extras``: ``on``, ``clock``, ``rng``, ``on_retry``,
+        ``budget``."""
         return cls(**policy.model_dump(), **extras)
 
     @property
@@ -247,6 +259,9 @@ class Retry(GuardBase):
         """
         if not self._enabled:
             return await call()
+        budget = self._budget
+        if budget is not None:
+            budget.deposit()
         # Happy path: no allocation, no checkpoint, no clock reading unless the retry has its own deadline.
         started = ctx.clock.now() if self._deadline is not None else 0.0
         attempt = 1
@@ -311,6 +326,13 @@ class Retry(GuardBase):
                     attempts=attempt,
                     last_error=exc,
                 ) from exc
+        budget = self._budget
+        if budget is not None and not budget.try_acquire_retry():  # last check: only a real retry spends it
+            raise RetryBudgetExhausted(
+                f"{ctx.operation!r}: retry budget exhausted; gave up after {attempt} attempts: {_describe(exc)}",
+                attempts=attempt,
+                last_error=exc,
+            ) from exc
         hook = self._on_retry
         if hook is not None:
             try:

@@ -20,6 +20,7 @@ from ..backends.base import Backend
 from ..backends.memory import default_backend
 from ..config import Policy
 from ..errors import ConfigError
+from ..guards.budget import RetryBudget
 from ..guards.bulkhead import ConcurrencyLimit
 from ..guards.pipeline import Guard, Pipeline
 from ..guards.retry import Retry
@@ -41,8 +42,9 @@ def build_pipeline(
     label: str = "",
     outer: Sequence[Guard] = (),
 ) -> Pipeline:
-    """The standard pipeline of ``policy``: deadline → retry → circuit breaker → rate limit → concurrency limit
-    → attempt timeout, each section skipped when disabled.
+    """The standard pipeline of ``policy``: deadline → retry (with its retry budget) → circuit breaker → rate
+    limit → concurrency limit → attempt timeout, each section skipped when disabled. The retry budget is one per
+    ``breaker`` name (so per endpoint and model for a provider), in this process.
 
     Args:
         policy: the sections to build from.
@@ -61,17 +63,29 @@ def build_pipeline(
     if policy.breaker.enabled:
         guards.append(_stateful.circuit_breaker(backend, breaker, policy.breaker, clock=clock, label=label or breaker))
     if policy.retry.enabled:
-        guards.append(Retry.from_policy(policy.retry, clock=clock))
+        section = policy.retry_budget
+        budget = (
+            backend.get_or_create(
+                "retry_budget",
+                f"{breaker}:{section.model_dump_json()}",
+                lambda: RetryBudget(
+                    section.ratio, section.min_retries_per_s, section.window_s, buckets=section.buckets, clock=clock
+                ),
+            )
+            if section.enabled
+            else None
+        )
+        guards.append(Retry.from_policy(policy.retry, clock=clock, budget=budget))
     limits = policy.rate_limit
     if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
         guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))
     if policy.concurrency.enabled:
-        section = policy.concurrency
+        bulkhead_section = policy.concurrency
         guards.append(
             backend.get_or_create(
                 "concurrency",
-                f"{bulkhead}:{section.model_dump_json()}",
-                lambda: ConcurrencyLimit.from_policy(section, clock=clock, name=bulkhead),
+                f"{bulkhead}:{bulkhead_section.model_dump_json()}",
+                lambda: ConcurrencyLimit.from_policy(bulkhead_section, clock=clock, name=bulkhead),
             )
         )
     if policy.timeout.attempt is not None:
