@@ -91,13 +91,11 @@ from ..backends.base import Backend
 from ..backends.memory import default_backend
 from ..config import Policy
 from ..errors import ConfigError, DeadlineExceeded, RagGuardError
-from ..guards.bulkhead import ConcurrencyLimit
 from ..guards.cache import AsyncCacheStore, Cache, CacheStore, _escape, fingerprint, retrieval_cache_key
 from ..guards.coalesce import Coalescer
 from ..guards.pipeline import Guard, Pipeline
-from ..guards.retry import Retry
-from ..guards.timeout import Deadline, Timeout
 from ._proxy import AttributeProxy
+from .generic import build_pipeline
 
 if TYPE_CHECKING:
     from pinecone import AsyncIndex, Index
@@ -515,40 +513,25 @@ class PineconeGuard:
         return pipeline
 
     def _build(self, operation: str) -> Pipeline:
-        policy, backend, clock, scope = self.policy, self.backend, self.clock, self.scope
+        scope = self.scope
         family = "write" if operation in _WRITES else "read"
-        guards: list[Guard] = []
+        outer: list[Guard] = []
         if operation == "query":
             if self.query_cache is not None:
-                guards.append(self.query_cache)
+                outer.append(self.query_cache)
             if self.coalescer is not None:
-                guards.append(self.coalescer)
-        if policy.timeout.total is not None:
-            guards.append(Deadline(policy.timeout.total, clock=clock))
-        if policy.breaker.enabled:
-            guards.append(
-                _stateful.circuit_breaker(
-                    backend, f"{scope}:{family}", policy.breaker, clock=clock, label=f"pinecone:{self.host}:{family}"
-                )
-            )
-        if policy.retry.enabled:
-            guards.append(Retry.from_policy(policy.retry, clock=clock))
-        limits = policy.rate_limit
-        if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
-            bucket = scope if limits.scope == "credential" else f"{scope}:{family}"
-            guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))
-        if policy.concurrency.enabled:
-            section = policy.concurrency
-            guards.append(
-                backend.get_or_create(
-                    "concurrency",
-                    f"{scope}:{section.model_dump_json()}",
-                    lambda: ConcurrencyLimit.from_policy(section, clock=clock, name=scope),
-                )
-            )
-        if policy.timeout.attempt is not None:
-            guards.append(Timeout(policy.timeout.attempt, clock=clock))
-        return Pipeline(*guards, clock=clock, classify=classify_pinecone)
+                outer.append(self.coalescer)
+        return build_pipeline(
+            self.policy,
+            self.backend,
+            breaker=f"{scope}:{family}",
+            label=f"pinecone:{self.host}:{family}",
+            bucket=scope if self.policy.rate_limit.scope == "credential" else f"{scope}:{family}",
+            bulkhead=scope,
+            clock=self.clock,
+            classify=classify_pinecone,
+            outer=outer,
+        )
 
     def _attempt(self, method: str, kwargs: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
         """One attempt: the SDK's own method (resolved on the class) called on the retry-less copy."""
