@@ -49,6 +49,7 @@ def unique() -> str:
 @asynccontextmanager
 async def redis_backend(url: str, **options: Any) -> AsyncIterator[RedisBackend]:
     options.setdefault("namespace", unique())
+    options.setdefault("timeout", 2.0)  # generous: these tests are not about timeouts, and CI machines stall
     backend = RedisBackend(url, **options)
     try:
         yield backend

@@ -57,7 +57,7 @@ async def _burst(served: Served[OpenAISimulator], backends: list[Any], calls: in
 async def test_two_instances_share_one_quota_through_redis(
     limited: Served[OpenAISimulator], redis_flushed: str
 ) -> None:
-    backends = [RedisBackend(redis_flushed), RedisBackend(redis_flushed)]
+    backends = [RedisBackend(redis_flushed, timeout=2.0), RedisBackend(redis_flushed, timeout=2.0)]
     await _burst(limited, backends, 20)
     stats = limited.stats()
     assert stats.requests_total == 40
@@ -79,7 +79,7 @@ async def test_the_response_cache_is_shared_between_instances(redis_flushed: str
     with serve(OpenAISimulator(SimulatorConfig.instant(rpm=None, tpm=None))) as served:
         answers = []
         for _ in range(2):
-            backend = RedisBackend(redis_flushed)
+            backend = RedisBackend(redis_flushed, timeout=2.0)
             client = ragguard.guard(AsyncOpenAI(base_url=served.base_url, api_key=KEY), backend=backend)
             answers.append(await client.chat.completions.create(**CHAT))
             answers.append(await client.embeddings.create(model="text-embedding-3-small", input="shared"))
@@ -92,7 +92,7 @@ async def test_the_response_cache_is_shared_between_instances(redis_flushed: str
 
 @pytest.mark.anyio
 async def test_decorators_share_a_bucket_and_a_breaker_across_instances(redis_flushed: str) -> None:
-    first, second = RedisBackend(redis_flushed), RedisBackend(redis_flushed)
+    first, second = RedisBackend(redis_flushed, timeout=2.0), RedisBackend(redis_flushed, timeout=2.0)
 
     def limited(backend: RedisBackend) -> Any:
         @ragguard.rate_limit(rpm=60, burst_seconds=2.0, max_wait=0, backend=backend, name="search")
@@ -142,7 +142,9 @@ def test_policy_lease_reaches_the_shared_limiter_and_a_local_one_ignores_it(redi
     from ragguard.config import RateLimitPolicy
 
     section = RateLimitPolicy(rpm=600, lease=5)
-    shared = _stateful.rate_limiter(RedisBackend(redis_url), "bucket", section, clock=ragguard.SYSTEM_CLOCK)
+    shared = _stateful.rate_limiter(
+        RedisBackend(redis_url, timeout=2.0), "bucket", section, clock=ragguard.SYSTEM_CLOCK
+    )
     assert isinstance(shared, ragguard.SharedRateLimiter)
     assert shared.lease == 5
     local = _stateful.rate_limiter(ragguard.MemoryBackend(), "bucket", section, clock=ragguard.SYSTEM_CLOCK)
@@ -172,7 +174,7 @@ def test_sync_clients_share_the_cache_through_redis(redis_flushed: str) -> None:
     with serve(OpenAISimulator(SimulatorConfig.instant(rpm=None, tpm=None))) as served:
         for _ in range(2):
             with ragguard.guard(
-                OpenAI(base_url=served.base_url, api_key=KEY), backend=RedisBackend(redis_flushed)
+                OpenAI(base_url=served.base_url, api_key=KEY), backend=RedisBackend(redis_flushed, timeout=2.0)
             ) as client:
                 assert client.chat.completions.create(**CHAT).choices
         assert served.stats().requests_total == 1
