@@ -32,13 +32,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.to_thread
 import uvicorn
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -411,3 +412,34 @@ def run_foreground(app: ASGIApp, *, host: str, port: int, managed: bool) -> None
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+_ConfigT = TypeVar("_ConfigT", bound="BaseModel")
+
+
+def config_from_flags(config_cls: type[_ConfigT], args: Any, fields: Sequence[str]) -> _ConfigT:
+    """A simulator's config from its command-line flags: ``--config-json``, else the ``--flaky`` preset, else the
+    defaults, with every flag in ``fields`` that was given overriding the base (revalidated, so a bad value is a
+    :class:`pydantic.ValidationError` naming the field)."""
+    if args.config_json:
+        base = config_cls.model_validate_json(args.config_json)
+    elif args.flaky:
+        base = config_cls.flaky()  # type: ignore[attr-defined]
+    else:
+        base = config_cls()
+    overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if not overrides:
+        return base
+    return config_cls.model_validate({**base.model_dump(), **overrides})
+
+
+def simulator_main(parser: Any, make_app: Callable[[Any], Any], argv: Sequence[str] | None) -> int:
+    """The ``python -m ragguard.testing.<simulator>`` entry point: parse ``argv``, build the app with
+    ``make_app(args)`` and serve it in the foreground until interrupted; a bad config or a non-loopback host is a
+    usage error."""
+    args = parser.parse_args(argv)
+    try:
+        run_foreground(make_app(args), host=args.host, port=args.port, managed=args.managed)
+    except ValueError as exc:  # invalid config (pydantic's ValidationError is one) or a non-loopback host
+        parser.error(str(exc))
+    return 0

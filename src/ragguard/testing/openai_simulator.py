@@ -81,7 +81,7 @@ from ._content import (
 )
 from ._faults import FAULT_KINDS, FaultKind, FaultRoller, LatencyModel
 from ._ratelimit import Account, Rejection, format_go_duration
-from ._serve import CLOSE_CONNECTION_EXTENSION, run_foreground
+from ._serve import CLOSE_CONNECTION_EXTENSION, config_from_flags, simulator_main
 
 __all__ = [
     "BucketStats",
@@ -1314,28 +1314,12 @@ _FLAG_FIELDS = (
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """Build the config the command-line flags describe."""
-    if args.config_json:
-        base = SimulatorConfig.model_validate_json(args.config_json)
-    elif args.flaky:
-        base = SimulatorConfig.flaky()
-    else:
-        base = SimulatorConfig()
-    overrides = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
-    if not overrides:
-        return base
-    return SimulatorConfig.model_validate({**base.model_dump(), **overrides})
+    return config_from_flags(SimulatorConfig, args, _FLAG_FIELDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ragguard.testing.openai_simulator``: serve in the foreground until interrupted."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        app = OpenAISimulator(config_from_args(args))
-        run_foreground(app, host=args.host, port=args.port, managed=args.managed)
-    except ValueError as exc:  # invalid config (pydantic's ValidationError is one) or a non-loopback host
-        parser.error(str(exc))
-    return 0
+    return simulator_main(_parser(), lambda args: OpenAISimulator(config_from_args(args)), argv)
 
 
 if __name__ == "__main__":

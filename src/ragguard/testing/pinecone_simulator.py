@@ -84,7 +84,7 @@ from starlette.types import Receive, Scope, Send
 from ._faults import FAULT_KINDS, FaultKind, FaultRoller, LatencyModel
 from ._pinecone_filter import FilterError, Predicate, compile_filter, metadata_error
 from ._ratelimit import Account, Rejection, WindowCounter
-from ._serve import CLOSE_CONNECTION_EXTENSION, run_foreground
+from ._serve import CLOSE_CONNECTION_EXTENSION, config_from_flags, simulator_main
 from .openai_simulator import SimulatedConnectionDrop
 
 __all__ = [
@@ -1111,28 +1111,12 @@ _FLAG_FIELDS = (
 
 def config_from_args(args: argparse.Namespace) -> PineconeSimulatorConfig:
     """Build the config the command-line flags describe."""
-    if args.config_json:
-        base = PineconeSimulatorConfig.model_validate_json(args.config_json)
-    elif args.flaky:
-        base = PineconeSimulatorConfig.flaky()
-    else:
-        base = PineconeSimulatorConfig()
-    overrides = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
-    if not overrides:
-        return base
-    return PineconeSimulatorConfig.model_validate({**base.model_dump(), **overrides})
+    return config_from_flags(PineconeSimulatorConfig, args, _FLAG_FIELDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ragguard.testing.pinecone_simulator``: serve in the foreground until interrupted."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        app = PineconeSimulator(config_from_args(args))
-        run_foreground(app, host=args.host, port=args.port, managed=args.managed)
-    except ValueError as exc:  # invalid config (pydantic's ValidationError is one) or a non-loopback host
-        parser.error(str(exc))
-    return 0
+    return simulator_main(_parser(), lambda args: PineconeSimulator(config_from_args(args)), argv)
 
 
 if __name__ == "__main__":
