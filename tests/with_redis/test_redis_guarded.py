@@ -128,7 +128,9 @@ async def test_decorators_share_a_bucket_and_a_breaker_across_instances(redis_fl
 
 @pytest.mark.openai
 def test_demo_workers_share_one_quota_through_redis(redis_flushed: str) -> None:
-    options = DemoOptions(users=120, rpm=3000, tpm=1_000_000, modes=("guarded",), workers=2, redis=redis_flushed)
+    options = DemoOptions(
+        users=120, rpm=3000, tpm=1_000_000, modes=("guarded",), workers=2, redis=redis_flushed, rag=False
+    )
     report = anyio.run(run_demo, options)
     [guarded] = report.modes
     assert guarded.succeeded == 120

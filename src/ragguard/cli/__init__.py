@@ -24,15 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the Monday-morning scenario: naive vs sdk-default vs guarded against a simulated provider",
         description=(
-            "Start an OpenAI-compatible simulator on loopback and let N users at once embed a question and ask a "
-            "chat completion through the real openai SDK, three ways: naive (a new client per request, no "
-            "retries), sdk-default (one shared client with the SDK's own retries) and guarded "
-            "(ragguard.guard(AsyncOpenAI()) with a policy matched to the quota)."
+            "Start OpenAI- and Pinecone-compatible simulators on loopback, ingest a knowledge base, then let N users "
+            "at once embed a question, retrieve context from the index and ask a chat completion through the real "
+            "openai and pinecone SDKs, three ways: naive (a new client per request, no retries), sdk-default (one "
+            "shared client with the SDK's own retries) and guarded (ragguard.guard(AsyncOpenAI()) and "
+            "ragguard.guard(index) with policies matched to the quotas)."
         ),
     )
     demo.add_argument("--users", type=int, default=1000, help="concurrent users (default: 1000)")
-    demo.add_argument("--rpm", type=float, default=10_000, help="provider quota, requests per minute per model")
-    demo.add_argument("--tpm", type=float, default=4_000_000, help="provider quota, tokens per minute per model")
+    demo.add_argument(
+        "--rpm", type=float, default=5_000, help="provider quota, requests per minute per model (default: 5000)"
+    )
+    demo.add_argument(
+        "--tpm", type=float, default=4_000_000, help="provider quota, tokens per minute per model (default: 4000000)"
+    )
     demo.add_argument(
         "--faults",
         choices=["none", "flaky"],
@@ -53,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--rag",
-        action="store_true",
-        help="preview: the full RAG round trip (ingest a corpus into a Pinecone-compatible index, retrieve per user)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the full RAG round trip: ingest a corpus into a Pinecone-compatible index, retrieve per user "
+        "(default; --no-rag: embed and chat only)",
     )
     demo.add_argument(
         "--corpus", type=int, default=200, help="knowledge-base chunks to ingest before users arrive (default: 200)"

@@ -1,10 +1,13 @@
 """``ragguard demo``: the Monday-morning scenario, naive vs sdk-default vs guarded, on real HTTP.
 
-A RAG app that worked on Friday meets N users at once. Each user embeds a question and asks a chat completion
-(``temperature=0``, as support bots do) with retrieved context, through the real ``openai`` SDK, against
-:class:`ragguard.testing.OpenAISimulator` served on loopback in a child process (so the load and the provider use
-different cores), enforcing an OpenAI-style quota (requests and tokens per minute, per model, with a one-second
-burst). 30 % of the users ask a popular question word for word (``repeat_share``), as FAQ traffic does.
+A RAG app that worked on Friday meets N users at once. First its knowledge base is ingested (each chunk embedded
+and upserted into a Pinecone-compatible index with a write limit); then each user embeds a question, queries the
+index for the top chunks and asks a chat completion (``temperature=0``, as support bots do) with them as context,
+through the real ``openai`` and ``pinecone`` SDKs, against :class:`ragguard.testing.OpenAISimulator` and
+:class:`ragguard.testing.PineconeSimulator` served on loopback in child processes (so the load and the providers
+use different cores), enforcing an OpenAI-style quota (requests and tokens per minute, per model, with a
+one-second burst). 30 % of the users ask a popular question word for word (``repeat_share``), as FAQ traffic does.
+``rag=False`` (``--no-rag``) leaves out the index: each user embeds and asks with a fixed context.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ class DemoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     users: int = Field(default=1000, ge=1, le=100_000)
-    #: provider quota per model, requests per minute
-    rpm: float = Field(default=10_000, gt=0)
+    #: provider quota per model, requests per minute (with ``tpm``, about OpenAI's usage tier 3 for gpt-4o-mini)
+    rpm: float = Field(default=5_000, gt=0)
     #: provider quota per model, tokens per minute
     tpm: float = Field(default=4_000_000, gt=0)
     faults: Literal["none", "flaky"] = "none"
@@ -74,9 +77,9 @@ class DemoOptions(BaseModel):
     repeat_share: float = Field(default=0.3, ge=0, le=1)
     seed: int = 7
     modes: tuple[str, ...] = MODES
-    #: the full RAG round trip (preview): ingest a corpus into a Pinecone-compatible index first, and each user
-    #: retrieves context from it between the embedding and the chat call
-    rag: bool = False
+    #: the full RAG round trip: ingest a corpus into a Pinecone-compatible index first, and each user retrieves
+    #: context from it between the embedding and the chat call (``False``: a fixed context, no index)
+    rag: bool = True
     #: chunks of the knowledge base ingested (embedded and upserted into the vector index) before users arrive
     corpus: int = Field(default=200, ge=1, le=100_000)
     #: the vector index's write limit, upsert requests per second (as a serverless index enforces)
@@ -250,10 +253,16 @@ async def _one_user(
     await chat(model=CHAT_MODEL, messages=_messages(question, context), max_tokens=MAX_TOKENS, temperature=0)
 
 
-def _pinecone(host: str) -> Any:
+def _pinecone(host: str, account: Any = None) -> Any:
+    """An asyncio index client for ``host``; ``account`` is a ``pinecone.Pinecone`` to reuse (making one loads the
+    SDK's plugins and TLS settings, ~30 ms of CPU: even a first version makes it once, at import)."""
+    return (account if account is not None else _account()).IndexAsyncio(host=host)
+
+
+def _account() -> Any:
     from pinecone import Pinecone
 
-    return Pinecone(api_key=API_KEY).IndexAsyncio(host=host)
+    return Pinecone(api_key=API_KEY)
 
 
 async def _ingest(mode: str, base_url: str, host: str, options: DemoOptions) -> float:
@@ -296,7 +305,8 @@ async def _ingest(mode: str, base_url: str, host: str, options: DemoOptions) -> 
         return time.perf_counter() - started
 
     shared_client = AsyncOpenAI(base_url=base_url, api_key=API_KEY) if mode == "sdk-default" else None
-    shared_index = _pinecone(host) if mode == "sdk-default" else None
+    account = _account()
+    shared_index = _pinecone(host, account) if mode == "sdk-default" else None
 
     async def one_chunk(text: str) -> None:
         try:
@@ -307,7 +317,7 @@ async def _ingest(mode: str, base_url: str, host: str, options: DemoOptions) -> 
                 return
             async with AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
                 response = await client.embeddings.create(model=EMBED_MODEL, input=text, dimensions=DIMENSIONS)
-            index = _pinecone(host)
+            index = _pinecone(host, account)  # a new index client (and connection) per chunk
             try:
                 vector = {"id": f"chunk-{text}", "values": response.data[0].embedding, "metadata": {"text": text}}
                 await index.upsert(vectors=[vector], namespace=NAMESPACE)
@@ -361,8 +371,10 @@ async def _run_mode(
         shared = guard(AsyncOpenAI(base_url=base_url, api_key=API_KEY), guarded_policy(options), backend=backend)
         index = guard(_pinecone(host), index_policy(options), backend=backend) if host is not None else None
 
+    account = _account() if host is not None and mode == "naive" else None
+
     async def naive_search(**kwargs: Any) -> Any:
-        one = _pinecone(host or "")
+        one = _pinecone(host or "", account)  # a new index client (and connection) per request
         try:
             return await one.query(**kwargs)
         finally:
@@ -525,6 +537,7 @@ async def run_demo(
     *,
     on_start: Callable[[str], None] | None = None,
     on_user: Callable[[str, bool], None] | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
 ) -> DemoReport:
     """Run the scenario for each mode in turn (the simulator's quota reset in between) and measure it.
 
@@ -532,9 +545,18 @@ async def run_demo(
         options: the scenario.
         on_start: called with a mode's name when it starts.
         on_user: called with the mode and whether a user was served, as each user finishes.
+        on_stage: called with the mode and what it is doing (``"ingesting"``, ``"users"``, ``"done"``).
     """
     from ..testing import serve
 
+    if options.rag:
+        try:
+            import pinecone  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "the demo's RAG round trip needs the pinecone SDK: pip install 'ragguard[cli]' (or run it with "
+                "rag=False, --no-rag)"
+            ) from exc
     simulator = _simulator(options)
     burst_s = float(simulator.config.burst_seconds)
     embed_need, chat_need = _user_costs(options)
@@ -561,6 +583,8 @@ async def run_demo(
                     on_start(mode)
                 ingest_s, stored = 0.0, 0
                 if index_control is not None and host is not None:
+                    if on_stage is not None:
+                        on_stage(mode, "ingesting")
                     (await index_control.post("/_sim/reset")).raise_for_status()
                     ingest_s = await _ingest(mode, server.base_url, host, options)
                     stored = int((await index_control.get("/_sim/stats")).json().get("vectors_stored", 0))
@@ -571,11 +595,15 @@ async def run_demo(
                     if on_user is not None:
                         on_user(mode, ok)
 
+                if on_stage is not None:
+                    on_stage(mode, "users")
                 per_worker: list[tuple[list[float], dict[str, int], float]] = []
                 if options.workers > 1:
                     latencies, errors, wall, per_worker = await _run_workers(mode, server.base_url, host, options, done)
                 else:
                     latencies, errors, wall = await _run_mode(mode, server.base_url, options, done, None, host)
+                if on_stage is not None:
+                    on_stage(mode, "done")
                 index_stats: dict[str, Any] = {}
                 if index_control is not None:
                     index_stats = (await index_control.get("/_sim/stats")).json()
@@ -718,7 +746,8 @@ def render_table(report: DemoReport) -> Any:
 
 
 def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress: bool = True) -> int:
-    """Run the demo with live progress bars and print the table; write JSON when asked. Returns 0."""
+    """Run the demo with live progress bars and print the table; write JSON when asked. Returns 0, or 2 when an
+    SDK the scenario needs is not installed."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -727,6 +756,7 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
         console = Console(width=max(console.width, 180))  # pipes and CI logs: no wrapping of the table
     bars = Progress(
         TextColumn("{task.description:<12}"),
+        TextColumn("{task.fields[stage]:<9}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("served {task.fields[ok]} · failed {task.fields[failed]}"),
@@ -734,11 +764,16 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
         console=console,
         disable=not progress,
     )
-    tasks = {mode: bars.add_task(mode, total=options.users, ok=0, failed=0, start=False) for mode in options.modes}
+    tasks = {
+        mode: bars.add_task(mode, total=options.users, ok=0, failed=0, stage="", start=False) for mode in options.modes
+    }
     counts = {mode: [0, 0] for mode in options.modes}
 
     def on_start(mode: str) -> None:
         bars.start_task(tasks[mode])
+
+    def on_stage(mode: str, stage: str) -> None:
+        bars.update(tasks[mode], stage=stage)
 
     def on_user(mode: str, ok: bool) -> None:
         counts[mode][0 if ok else 1] += 1
@@ -746,10 +781,20 @@ def run_demo_cli(options: DemoOptions, *, json_path: str | None = None, progress
 
     console.print(
         f"[bold]ragguard demo[/bold]: {options.users} users at once, quota {options.rpm:,.0f} RPM / "
-        f"{options.tpm:,.0f} TPM per model, faults: {options.faults}"
+        f"{options.tpm:,.0f} TPM per model"
+        + (
+            f", {options.corpus} chunks to ingest first (index limit {options.index_write_rps:g} writes/s)"
+            if options.rag
+            else ""
+        )
+        + f", faults: {options.faults}"
     )
-    with bars:
-        report = anyio.run(lambda: run_demo(options, on_start=on_start, on_user=on_user))
+    try:
+        with bars:
+            report = anyio.run(lambda: run_demo(options, on_start=on_start, on_user=on_user, on_stage=on_stage))
+    except ImportError as exc:
+        console.print(str(exc), style="red", markup=False)
+        return 2
     console.print(render_table(report))
     for m in report.modes:
         if m.errors:
