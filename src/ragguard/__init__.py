@@ -14,6 +14,7 @@ Three ways in::
 
 from __future__ import annotations
 
+from . import events, telemetry, usage
 from ._call_options import CallOptions, call_options
 from ._clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock, is_testing, set_testing
 from ._context import CallContext
@@ -31,11 +32,14 @@ from .backends.base import Backend, SharedBackend
 from .backends.memory import MemoryBackend, default_backend
 from .backends.redis import RedisBackend, RedisBackendOptions
 from .config import (
+    AdaptiveConcurrencyPolicy,
     BatchingPolicy,
     BreakerPolicy,
     CachePolicy,
     CoalescePolicy,
     ConcurrencyPolicy,
+    DegradePolicy,
+    HedgePolicy,
     JitterKind,
     Policy,
     RateLimitPolicy,
@@ -45,6 +49,7 @@ from .config import (
     TimeoutPolicy,
 )
 from .decorators import circuit_breaker, concurrency_limit, guarded, rate_limit, retry, timeout
+from .degrade import DEGRADED_FINGERPRINT, Degradation, last_degradation
 from .errors import (
     AttemptTimeout,
     BackendUnavailable,
@@ -52,6 +57,7 @@ from .errors import (
     CircuitOpenError,
     ConfigError,
     DeadlineExceeded,
+    Degraded,
     RagGuardError,
     RateLimitTimeout,
     RetryExhausted,
@@ -59,7 +65,7 @@ from .errors import (
 )
 from .guards.batch import BatchItemTooLarge, MicroBatcher, batched
 from .guards.breaker import BreakerSnapshot, BreakerState, CircuitBreaker
-from .guards.budget import RetryBudget, RetryBudgetExhausted, RetryBudgetStats
+from .guards.budget import BudgetStore, RetryBudget, RetryBudgetExhausted, RetryBudgetStats, SharedRetryBudget
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.cache import (
     AsyncCacheStore,
@@ -76,6 +82,17 @@ from .guards.cache import (
     vector_digest,
 )
 from .guards.coalesce import Coalescer, coalesce
+from .guards.concurrency_limits import AIMDLimit, GradientLimit, LimitAlgorithm
+from .guards.fallback import (
+    Fallback,
+    FallbackExhausted,
+    FallbackResult,
+    FallbackStats,
+    capture_fallback,
+    fallback,
+    should_fall_back,
+)
+from .guards.hedge import Hedge, HedgeStats
 from .guards.limiter import RateLimiter
 from .guards.pipeline import STAGES, Guard, GuardBase, Pipeline
 from .guards.retry import Retry, RetryEvent, backoff_delays
@@ -89,8 +106,11 @@ from .providers.pinecone import UpsertIncomplete, stable_id
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEGRADED_FINGERPRINT",
     "STAGES",
     "SYSTEM_CLOCK",
+    "AIMDLimit",
+    "AdaptiveConcurrencyPolicy",
     "AsyncCacheStore",
     "AttemptTimeout",
     "Backend",
@@ -102,6 +122,7 @@ __all__ = [
     "BreakerState",
     "BreakerStore",
     "BucketStore",
+    "BudgetStore",
     "BulkheadFull",
     "Cache",
     "CachePolicy",
@@ -119,12 +140,24 @@ __all__ = [
     "ConfigError",
     "Deadline",
     "DeadlineExceeded",
+    "Degradation",
+    "DegradePolicy",
+    "Degraded",
+    "Fallback",
+    "FallbackExhausted",
+    "FallbackResult",
+    "FallbackStats",
+    "GradientLimit",
     "Guard",
     "GuardBase",
     "HealthReport",
+    "Hedge",
+    "HedgePolicy",
+    "HedgeStats",
     "InMemoryVectorIndex",
     "JitterKind",
     "JsonSerializer",
+    "LimitAlgorithm",
     "ManualClock",
     "MemoryBackend",
     "MemoryCacheStore",
@@ -153,6 +186,7 @@ __all__ = [
     "SharedBackend",
     "SharedCircuitBreaker",
     "SharedRateLimiter",
+    "SharedRetryBudget",
     "StreamInterrupted",
     "SystemClock",
     "Timeout",
@@ -167,6 +201,7 @@ __all__ = [
     "cache_key",
     "cached",
     "call_options",
+    "capture_fallback",
     "circuit_breaker",
     "classify_exception",
     "coalesce",
@@ -174,12 +209,15 @@ __all__ = [
     "cosine_distance",
     "default_backend",
     "default_estimator",
+    "events",
+    "fallback",
     "fingerprint",
     "guard",
     "guarded",
     "health",
     "heuristic_estimator",
     "is_testing",
+    "last_degradation",
     "parse_duration",
     "parse_rate_limit_headers",
     "parse_retry_after",
@@ -188,8 +226,11 @@ __all__ = [
     "retry",
     "retry_hint_from_headers",
     "set_testing",
+    "should_fall_back",
     "stable_id",
+    "telemetry",
     "tiktoken_estimator",
     "timeout",
+    "usage",
     "vector_digest",
 ]

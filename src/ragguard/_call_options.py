@@ -21,6 +21,7 @@ class CallOptions:
     cache: bool = True
     scope: str | None = None
     coalesce_key: str | None = None
+    context: str | None = None
 
 
 _DEFAULT = CallOptions()
@@ -37,7 +38,11 @@ _UNSET: object = object()
 
 @contextmanager
 def call_options(
-    *, cache: bool | None = None, scope: str | object | None = _UNSET, coalesce_key: str | object | None = _UNSET
+    *,
+    cache: bool | None = None,
+    scope: str | object | None = _UNSET,
+    coalesce_key: str | object | None = _UNSET,
+    context: str | object | None = _UNSET,
 ) -> Iterator[CallOptions]:
     """Options for the guarded calls made inside the ``with`` block (nested blocks override what they set).
 
@@ -56,12 +61,16 @@ def call_options(
         coalesce_key: declare identical requests made under this key interchangeable, so concurrent ones share
             one upstream call even when they are not deterministic (``temperature != 0``). The key is combined
             with the request itself and the credential, so unrelated requests never merge.
+        context: the retrieved context (text) of these calls. A chat completion or response degraded with
+            ``Policy.degrade.skip_generation`` returns it as its answer instead of calling the model (see
+            :class:`~ragguard.DegradePolicy`); otherwise it is unused, and never sent anywhere by ragguard.
 
     Yields:
         The options in force inside the block.
 
     Raises:
-        TypeError: a value of the wrong type (``cache`` must be a bool, ``scope``/``coalesce_key`` strings).
+        TypeError: a value of the wrong type (``cache`` must be a bool, ``scope``/``coalesce_key``/``context``
+            non-empty strings).
     """
     current = _OPTIONS.get()
     changes: dict[str, object] = {}
@@ -69,7 +78,7 @@ def call_options(
         if not isinstance(cache, bool):
             raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
         changes["cache"] = cache
-    for name, value in (("scope", scope), ("coalesce_key", coalesce_key)):
+    for name, value in (("scope", scope), ("coalesce_key", coalesce_key), ("context", context)):
         if value is _UNSET:
             continue
         if value is not None and not (isinstance(value, str) and value):

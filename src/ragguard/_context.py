@@ -24,6 +24,14 @@ class CallContext:
         tokens: the estimated token cost charged at admission against a tokens-per-minute bucket.
         attempt: the current attempt number, from 1 (set by :class:`~ragguard.Retry`).
         used_tokens: tokens the provider says the call really used (from ``usage``), set after a success.
+        output_tokens: tokens the provider generated for the last attempt (``usage.completion_tokens`` /
+            ``output_tokens``), set by the provider layer after a success; ``None`` when unknown (embeddings,
+            streams before their end, other calls). Circuit breakers judge slowness per output token with it.
+        first_token_s: seconds from sending the last attempt to its first streamed chunk, set by the provider
+            layer for streams; ``None`` otherwise.
+        attempt_s: seconds the last attempt's provider call took (to its response, or a stream's first chunk),
+            set by the provider layer; ``None`` when unknown. Unlike a time measured by an outer guard it leaves
+            out rate-limit waits and bulkhead queueing.
         rate_headers: the provider's rate-limit view from the last response, set by the provider layer.
         operation: a label for telemetry and errors (e.g. ``"embeddings"``).
         extras: free-form per-call data for custom guards.
@@ -31,11 +39,14 @@ class CallContext:
 
     __slots__ = (
         "attempt",
+        "attempt_s",
         "classify",
         "clock",
         "deadline",
         "extras",
+        "first_token_s",
         "operation",
+        "output_tokens",
         "rate_headers",
         "requests",
         "tokens",
@@ -60,6 +71,9 @@ class CallContext:
         self.operation = operation
         self.attempt = 1
         self.used_tokens: float | None = None
+        self.output_tokens: float | None = None
+        self.first_token_s: float | None = None
+        self.attempt_s: float | None = None
         self.rate_headers: RateLimitHeaders | None = None
         self.extras: dict[str, Any] | None = None
 

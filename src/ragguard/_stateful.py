@@ -8,13 +8,14 @@ from typing import Any
 
 from ._clock import Clock
 from .backends.base import Backend, SharedBackend
-from .config import BreakerPolicy, CachePolicy, RateLimitPolicy
+from .config import BreakerPolicy, CachePolicy, RateLimitPolicy, RetryBudgetPolicy
 from .guards._cache_store import AsyncCacheStore, CacheStore, MemoryCacheStore
 from .guards.breaker import CircuitBreaker
+from .guards.budget import RetryBudget, SharedRetryBudget
 from .guards.limiter import RateLimiter
 from .guards.pipeline import Guard
 
-__all__ = ["cache_store", "circuit_breaker", "is_shared", "rate_limiter"]
+__all__ = ["cache_store", "circuit_breaker", "is_shared", "rate_limiter", "retry_budget"]
 
 
 def is_shared(backend: Backend) -> bool:
@@ -51,6 +52,29 @@ def circuit_breaker(backend: Backend, name: str, section: BreakerPolicy, *, cloc
         )
     return backend.get_or_create(
         "breaker", key, lambda: CircuitBreaker.from_policy(section, name=label or name, clock=clock)
+    )
+
+
+def retry_budget(
+    backend: Backend, name: str, section: RetryBudgetPolicy, *, clock: Clock
+) -> RetryBudget | SharedRetryBudget:
+    """The retry budget ``name`` (one per backend, name and settings): a :class:`SharedRetryBudget` on a backend
+    that offers a budget store (``budget_store()``, e.g. :class:`~ragguard.RedisBackend`), so every process spends
+    one budget; else a local :class:`RetryBudget`. ``section.enabled`` is the caller's business."""
+    key = f"{name}:{section.model_dump_json()}"
+    if isinstance(backend, SharedBackend):
+        shared: Any = backend
+        return backend.get_or_create(
+            "shared_retry_budget",
+            key,
+            lambda: SharedRetryBudget.from_policy(section, store=shared, name=name, clock=clock),
+        )
+    return backend.get_or_create(
+        "retry_budget",
+        key,
+        lambda: RetryBudget(
+            section.ratio, section.min_retries_per_s, section.window_s, buckets=section.buckets, clock=clock
+        ),
     )
 
 

@@ -65,7 +65,7 @@ def _tiktoken_cache_path(url: str) -> str | None:
         cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
     if not cache_dir:
         return None
-    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+    return os.path.join(cache_dir, hashlib.sha1(url.encode(), usedforsecurity=False).hexdigest())
 
 
 def tiktoken_estimator(encoding: str = "o200k_base") -> TokenEstimator | None:

@@ -20,11 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "AdaptiveConcurrencyPolicy",
     "BatchingPolicy",
     "BreakerPolicy",
     "CachePolicy",
     "CoalescePolicy",
     "ConcurrencyPolicy",
+    "DegradePolicy",
+    "HedgePolicy",
     "JitterKind",
     "Policy",
     "RateLimitPolicy",
@@ -93,7 +96,9 @@ class RetryBudgetPolicy(_Section):
 
 
 class BreakerPolicy(_Section):
-    """A circuit breaker (closed → open → half-open), after resilience4j's count-based sliding window."""
+    """A circuit breaker (closed → open → half-open), after resilience4j's count-based sliding window, with a
+    size-aware slow-call rate (see :mod:`ragguard.guards.breaker`: per output token for completions, time to first
+    token for streams, raw latency otherwise; all slow-call rules off by default)."""
 
     enabled: bool = True
     #: consecutive failures that open the breaker
@@ -112,6 +117,16 @@ class BreakerPolicy(_Section):
     half_open_max_wait: float = Field(default=60.0, gt=0)
     #: whether a 429 counts as a failure (by default it is flow control, not the provider being down)
     count_rate_limits: bool = False
+    #: slow-call rule for calls of unknown size (embeddings, searches, any function): slower than this many
+    #: seconds is slow (``None``: no raw-latency rule)
+    slow_call_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: slow-call rule for completions whose output size is known: slower than ``slow_first_token_s`` (or 0)
+    #: plus this many seconds per output token is slow (``None``: no per-token rule)
+    slow_call_s_per_token: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: streams: a first chunk later than this many seconds is slow; also the fixed part of the per-token rule
+    slow_first_token_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: share (0-1] of slow calls over the window (at least ``min_calls`` calls) that opens the breaker
+    slow_call_rate: float = Field(default=1.0, gt=0, le=1)
 
     @field_validator("min_calls")
     @classmethod
@@ -143,7 +158,8 @@ class RateLimitPolicy(_Section):
     #: ``openai``: charge prompt estimate + max_tokens·n at admission, never refund, debit under-estimates;
     #: ``reconcile``: settle to the provider's ``usage`` both ways
     accounting: Literal["openai", "reconcile"] = "openai"
-    #: trust the provider's ``x-ratelimit-remaining-*`` headers when they say less is left than we think
+    #: follow the provider's ``x-ratelimit-*`` headers: lower the levels to ``remaining``, cap the rate to
+    #: ``limit``, back off on 429s that carry them (never above the configured quota)
     follow_headers: bool = True
     #: when the provider says "wait N s" on a 429, pause every caller of the bucket
     share_retry_after: bool = True
@@ -155,6 +171,54 @@ class RateLimitPolicy(_Section):
     lease: int | None = Field(default=None, ge=1)
 
 
+class AdaptiveConcurrencyPolicy(_Section):
+    """An adaptive concurrency limit (Netflix concurrency-limits): the bulkhead's limit moves within
+    ``[min_limit, max_limit]`` as calls report success (with their latency), drops (429, timeout, 503: shrink)
+    or nothing useful (a 400: ignored). See :mod:`ragguard.guards.concurrency_limits`.
+
+    Attributes:
+        algorithm: ``aimd`` (additive increase, multiplicative decrease) or ``gradient`` (Gradient2: shrink as
+            latency inflates over its long-term average).
+        min_limit: the floor, calls (``>= 1``).
+        max_limit: the ceiling, calls (``None``: the section's ``max_in_flight``; never above it).
+        initial_limit: the limit before any sample (``None``: the ceiling, where a fixed bulkhead would be).
+        backoff_ratio: the limit is multiplied by this on a drop, once per round, in ``[0.5, 1)``.
+        timeout_s: ``aimd`` only: a success slower than this many seconds counts as a drop (``None``: never).
+        smoothing: ``gradient`` only: weight of each new estimate, in ``(0, 1]``.
+        rtt_tolerance: ``gradient`` only: latency may exceed its long-term average by this factor (``>= 1``)
+            before the limit shrinks.
+        queue_size: ``gradient`` only: calls allowed to queue at the provider, the growth allowance.
+        long_window: ``gradient`` only: samples the long-term latency average spans.
+    """
+
+    algorithm: Literal["aimd", "gradient"] = "aimd"
+    min_limit: int = Field(default=1, ge=1)
+    max_limit: int | None = Field(default=None, ge=1)
+    initial_limit: int | None = Field(default=None, ge=1)
+    backoff_ratio: float = Field(default=0.9, ge=0.5, lt=1)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    smoothing: float = Field(default=0.2, gt=0, le=1)
+    rtt_tolerance: float = Field(default=1.5, ge=1, allow_inf_nan=False)
+    queue_size: int = Field(default=4, ge=0)
+    long_window: int = Field(default=600, ge=1)
+
+    @field_validator("max_limit")
+    @classmethod
+    def _max_not_below_min(cls, max_limit: int | None, info: ValidationInfo) -> int | None:
+        min_limit = info.data.get("min_limit")
+        if max_limit is not None and min_limit is not None and max_limit < min_limit:
+            raise ValueError(f"max_limit ({max_limit}) must be >= min_limit ({min_limit})")
+        return max_limit
+
+    @field_validator("initial_limit")
+    @classmethod
+    def _initial_within_bounds(cls, initial: int | None, info: ValidationInfo) -> int | None:
+        low, high = info.data.get("min_limit"), info.data.get("max_limit")
+        if initial is not None and ((low is not None and initial < low) or (high is not None and initial > high)):
+            raise ValueError(f"initial_limit ({initial}) must lie within [min_limit, max_limit]")
+        return initial
+
+
 class ConcurrencyPolicy(_Section):
     """A bulkhead: at most ``max_in_flight`` calls at once, a bounded queue for the rest."""
 
@@ -164,6 +228,21 @@ class ConcurrencyPolicy(_Section):
     max_queue: int = Field(default=10_000, ge=0)
     #: longest wait for a slot, seconds (``None``: until the call's deadline)
     max_wait: float | None = Field(default=None, ge=0)
+    #: adapt the limit to the provider's answers within ``[adaptive.min_limit, max_in_flight]`` (``None``: fixed)
+    adaptive: AdaptiveConcurrencyPolicy | None = None
+
+    @field_validator("adaptive")
+    @classmethod
+    def _adaptive_within_max(
+        cls, adaptive: AdaptiveConcurrencyPolicy | None, info: ValidationInfo
+    ) -> AdaptiveConcurrencyPolicy | None:
+        ceiling = info.data.get("max_in_flight")
+        if adaptive is not None and ceiling is not None:
+            for name in ("min_limit", "max_limit", "initial_limit"):
+                value = getattr(adaptive, name)
+                if value is not None and value > ceiling:
+                    raise ValueError(f"adaptive.{name} ({value}) must be <= max_in_flight ({ceiling})")
+        return adaptive
 
 
 class TimeoutPolicy(_Section):
@@ -240,6 +319,13 @@ class CachePolicy(_Section):
     responses: Literal["deterministic", "all", "off"] = "deterministic"
     semantic: SemanticCachePolicy = SemanticCachePolicy()
 
+    @field_validator("namespace", "scope")
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        if value is not None:
+            value.encode()  # a lone surrogate cannot be keyed: UnicodeEncodeError (a ValueError) names the field
+        return value
+
 
 class CoalescePolicy(_Section):
     """Request coalescing (single-flight) settings.
@@ -260,6 +346,111 @@ class CoalescePolicy(_Section):
     max_keys: int = Field(default=100_000, ge=1)
     embeddings: bool = True
     completions: bool = False
+
+
+class HedgePolicy(_Section):
+    """Hedged requests (opt-in): when an attempt is slow, send another and keep whichever answers first.
+
+    After "The Tail at Scale" (Dean & Barroso, CACM 2013: defer the backup request until the first has been
+    outstanding longer than the 95th-percentile latency, which limits the extra load to about 5 %; in their
+    BigTable test a 10 ms delay cut the 99.9th percentile from 1,800 ms to 74 ms for 2 % more requests) and
+    Polly v8's hedging strategy.
+    Only for idempotent reads (embeddings, vector queries): a hedged write may be applied twice. Every hedge is
+    a retry in the retry budget's eyes (:class:`~ragguard.guards.budget.RetryBudget`), so the extra load stays
+    within ``ratio`` × requests (+ the floor); guarded clients hedge embeddings and Pinecone query/fetch only.
+
+    Attributes:
+        enabled: hedge at all (``False`` by default).
+        delay: seconds to wait before a hedge, when ``percentile`` is ``None``; with a percentile, the delay used
+            until ``min_samples`` latencies are known (``None``: no hedging until then). ``>= 0``.
+        percentile: hedge after this percentile (``(0, 100)``) of the last ``window`` attempts' latencies
+            (``None``: always ``delay``).
+        window: how many recent latencies the percentile is taken over (``>= 1``).
+        min_samples: latencies needed before the percentile is used (``1..window``).
+        max_hedges: extra attempts per call at most (``1..10``), sent ``delay`` apart.
+        min_delay: floor of a percentile delay, seconds (``>= 0``).
+        max_delay: cap of a percentile delay, seconds (``None``: none; ``>= min_delay``).
+    """
+
+    enabled: bool = False
+    delay: float | None = Field(default=None, ge=0, le=3600)
+    percentile: float | None = Field(default=90.0, gt=0, lt=100)
+    window: int = Field(default=200, ge=1, le=100_000)
+    min_samples: int = Field(default=20, ge=1)
+    max_hedges: int = Field(default=1, ge=1, le=10)
+    min_delay: float = Field(default=0.0, ge=0, le=3600)
+    max_delay: float | None = Field(default=None, gt=0, le=3600)
+
+    @field_validator("percentile")
+    @classmethod
+    def _some_delay(cls, percentile: float | None, info: ValidationInfo) -> float | None:
+        if percentile is None and info.data.get("delay") is None and "delay" in info.data:
+            raise ValueError("set a fixed delay (seconds) or a latency percentile: both are None")
+        return percentile
+
+    @field_validator("min_samples")
+    @classmethod
+    def _min_samples_fit_window(cls, min_samples: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and min_samples > window:
+            raise ValueError(f"min_samples ({min_samples}) must be <= window ({window})")
+        return min_samples
+
+    @field_validator("max_delay")
+    @classmethod
+    def _max_delay_not_below_min(cls, max_delay: float | None, info: ValidationInfo) -> float | None:
+        floor = info.data.get("min_delay")
+        if max_delay is not None and floor is not None and max_delay < floor:
+            raise ValueError(f"max_delay ({max_delay} s) must be >= min_delay ({floor} s)")
+        return max_delay
+
+
+class DegradePolicy(_Section):
+    """Degradation modes: degrade a call instead of failing (or queueing) it while its pipeline is in trouble.
+
+    Off by default (no mode set). A call is *degraded* when its trigger (``when``) holds for the pipeline the
+    call would use: ``breaker_open`` — that pipeline's circuit breaker is open, or refuses the call (half-open
+    with its probes taken; a shared breaker's refusal); ``overloaded`` — the pipeline's bulkhead queue or its
+    rate limiter's wait is beyond the thresholds below. What a degraded call does (each mode applies where it
+    means something; see ``docs/degradation.md``):
+
+    - ``cache_only``: served from the cache layers only, never upstream; a miss raises
+      :class:`~ragguard.Degraded`.
+    - ``top_k``: a guarded vector-store ``query`` asks for at most this many matches (never more than asked).
+    - ``skip_generation``: a chat completion or response is not generated: it returns the retrieved context the
+      app supplied with ``ragguard.call_options(context=...)``, marked degraded, or raises
+      :class:`~ragguard.Degraded` when none was supplied.
+
+    Attributes:
+        when: the trigger: ``breaker_open``, ``overloaded`` or ``breaker_open_or_overloaded``.
+        max_queue: ``overloaded`` when a call would wait for a concurrency slot behind more than this many
+            callers (``0``: whenever every slot is taken); ``None``: the queue is not a trigger.
+        max_limiter_wait: ``overloaded`` when the (local) rate limiter would hold the call longer than this,
+            seconds (requests and tokens buckets, and a provider-requested pause); ``None``: not a trigger.
+        cache_only: serve degraded calls from the cache only.
+        top_k: the reduced ``top_k`` of degraded vector-store queries (``>= 1``); ``None``: unchanged.
+        skip_generation: answer degraded chat completions and responses with the supplied context.
+    """
+
+    max_queue: int | None = Field(default=None, ge=0)
+    max_limiter_wait: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_only: bool = False
+    top_k: int | None = Field(default=None, ge=1)
+    skip_generation: bool = False
+    # last, so its check sees the thresholds above
+    when: Literal["breaker_open", "overloaded", "breaker_open_or_overloaded"] = "breaker_open"
+
+    @field_validator("when")
+    @classmethod
+    def _overload_needs_a_threshold(cls, when: str, info: ValidationInfo) -> str:
+        if when != "breaker_open" and info.data.get("max_queue") is None and info.data.get("max_limiter_wait") is None:
+            raise ValueError(f"when={when!r} needs a threshold: max_queue or max_limiter_wait")
+        return when
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any mode is set (degradation is off otherwise)."""
+        return self.cache_only or self.top_k is not None or self.skip_generation
 
 
 # --- serialisation -------------------------------------------------------------------------------------------
@@ -290,3 +481,7 @@ class Policy(BaseSettings):
     batching: BatchingPolicy = BatchingPolicy(enabled=False)
     cache: CachePolicy = CachePolicy()
     coalesce: CoalescePolicy = CoalescePolicy()
+    #: hedged requests for idempotent reads (opt-in; guarded clients hedge embeddings and Pinecone query/fetch)
+    hedge: HedgePolicy = HedgePolicy()
+    #: degradation modes (cache only, reduced ``top_k``, skip generation) under an open breaker or load; off
+    degrade: DegradePolicy = DegradePolicy()

@@ -13,8 +13,11 @@ unchanged: ragguard only wraps an error when it adds information (why it gave up
     ├── DeadlineExceeded        the call's total deadline passed
     │   └── AttemptTimeout      one attempt ran longer than the per-attempt timeout (retryable)
     ├── RetryExhausted          retries gave up; ``__cause__`` is the last provider error
+    │   └── RetryBudgetExhausted  the retry budget refused a retry (guards/budget.py)
     ├── StreamInterrupted       a streamed response broke after its first chunk; ``__cause__`` is why
     ├── BackendUnavailable      the shared-state backend (e.g. Redis) cannot be reached
+    ├── Degraded                a degraded call (``Policy.degrade``) had nothing to answer with
+    ├── FallbackExhausted       the primary and every alternative failed; ``__cause__`` is the primary's error
     └── ConfigError             configuration pydantic's own ``ValidationError`` cannot express
 """
 
@@ -27,6 +30,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigError",
     "DeadlineExceeded",
+    "Degraded",
     "RagGuardError",
     "RateLimitTimeout",
     "RetryExhausted",
@@ -111,6 +115,23 @@ class StreamInterrupted(RagGuardError):
 
 class BackendUnavailable(RagGuardError):
     """The shared-state backend could not be reached and the policy says ``fail_closed``."""
+
+
+class Degraded(RagGuardError):
+    """A call was degraded (see :class:`~ragguard.DegradePolicy`) and its mode had nothing to answer with: a
+    cache miss under ``cache_only``, no context supplied under ``skip_generation``, or a streamed call. The
+    provider was not called. When the trigger was the breaker's refusal, ``__cause__`` is the
+    :class:`CircuitOpenError`.
+
+    Attributes:
+        mode: the mode that could not answer: ``cache_only`` or ``skip_generation``.
+        reason: why the call was degraded: ``breaker_open`` or ``overloaded``.
+    """
+
+    def __init__(self, message: str, *, mode: str, reason: str) -> None:
+        super().__init__(message)
+        self.mode = mode
+        self.reason = reason
 
 
 class ConfigError(RagGuardError, ValueError):

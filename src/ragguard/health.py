@@ -28,6 +28,8 @@ from .backends.memory import default_backend
 from .guards.breaker import BreakerState, CircuitBreaker
 from .guards.bulkhead import ConcurrencyLimit
 from .guards.limiter import RateLimiter
+from .usage import UsageReport
+from .usage import report as usage_report
 
 __all__ = ["BackendHealth", "BreakerHealth", "BulkheadHealth", "HealthReport", "LimiterHealth", "ahealth", "health"]
 
@@ -55,6 +57,13 @@ class LimiterHealth(BaseModel):
     available_requests: float | None = None
     available_tokens: float | None = None
     paused_s: float = Field(default=0.0, description="seconds left of a provider-requested pause (Retry-After)")
+    effective_rpm: float | None = Field(
+        default=None, description="the rate in force: the configured rpm capped by the provider's and backed off"
+    )
+    effective_tpm: float | None = None
+    provider_rpm: float | None = Field(default=None, description="the provider's x-ratelimit-limit-requests")
+    provider_tpm: float | None = None
+    backoff: float | None = Field(default=None, description="the 429 backoff factor in force (1.0: none)")
 
 
 class BulkheadHealth(BaseModel):
@@ -64,6 +73,9 @@ class BulkheadHealth(BaseModel):
     in_flight: int
     max_in_flight: int
     queued: int
+    limit: int | None = Field(
+        default=None, description="the current limit of an adaptive bulkhead (between its min and max_in_flight)"
+    )
 
 
 class BackendHealth(BaseModel):
@@ -90,6 +102,9 @@ class HealthReport(BaseModel):
     limiters: list[LimiterHealth] = Field(default_factory=list)
     bulkheads: list[BulkheadHealth] = Field(default_factory=list)
     backends: list[BackendHealth] = Field(default_factory=list)
+    usage: UsageReport = Field(
+        default_factory=UsageReport, description="tokens, retries and cost per model and credential (ragguard.usage)"
+    )
 
 
 _STATES: dict[BreakerState, Literal["closed", "open", "half_open"]] = {
@@ -154,6 +169,11 @@ def _limiters(backend: Backend) -> list[LimiterHealth]:
                     available_requests=limiter.available_requests if limiter.rpm is not None else None,
                     available_tokens=limiter.available_tokens if limiter.tpm is not None else None,
                     paused_s=max(0.0, paused) if math.isfinite(paused) else 0.0,
+                    effective_rpm=limiter.effective_rpm,
+                    effective_tpm=limiter.effective_tpm,
+                    provider_rpm=limiter.provider_rpm,
+                    provider_tpm=limiter.provider_tpm,
+                    backoff=limiter.backoff,
                 )
             )
     for key, limiter in backend.items("shared_rate_limit"):
@@ -175,6 +195,7 @@ def _bulkheads(backend: Backend) -> list[BulkheadHealth]:
             in_flight=bulkhead.in_flight,
             max_in_flight=bulkhead.policy.max_in_flight,
             queued=bulkhead.queued,
+            limit=bulkhead.limit if bulkhead.policy.adaptive is not None else None,
         )
         for _, bulkhead in backend.items("concurrency")
         if isinstance(bulkhead, ConcurrencyLimit)
@@ -202,7 +223,7 @@ async def ahealth(backends: Sequence[Backend] | None = None) -> HealthReport:
     Returns:
         A :class:`HealthReport`; never raises because a backend is down (that is reported).
     """
-    report = HealthReport(status="ok", ready=True)
+    report = HealthReport(status="ok", ready=True, usage=usage_report())
     for backend in backends if backends is not None else [default_backend()]:
         report.backends.append(await _backend_health(backend))
         report.breakers.extend(await _breakers(backend))

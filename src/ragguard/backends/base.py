@@ -41,6 +41,10 @@ class SharedBackend(Backend, Protocol):
         """The shared circuit-breaker store."""
         ...
 
+    def budget_store(self) -> Any:
+        """The shared retry-budget store."""
+        ...
+
     def cache_store(self, *, max_value_bytes: int = ...) -> Any:
         """The shared cache store (async)."""
         ...

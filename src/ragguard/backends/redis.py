@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from ._redis_breaker import RedisBreakerStore
     from ._redis_bucket import RedisBucketStore
+    from ._redis_budget import RedisBudgetStore
     from ._redis_cache import RedisCacheStore
 
 __all__ = ["RedisBackend", "RedisBackendOptions"]
@@ -49,7 +50,8 @@ class RedisBackendOptions(BaseModel):
     """Validated settings of a :class:`RedisBackend`.
 
     Attributes:
-        namespace: the first part of every key (non-empty, no ``{``/``}``: they delimit hash tags).
+        namespace: the first part of every key (non-empty; no ``{``/``}``, which delimit hash tags, and no ``:``,
+            the separator, so one app's namespace never reaches into another's keys).
         on_unavailable: ``fail_open`` (fall back to local state holding this process's share of each limit) or
             ``fail_closed`` (raise :class:`~ragguard.BackendUnavailable`) when Redis cannot answer in time.
         timeout: seconds one Redis operation may take before it counts as unavailable (``> 0``).
@@ -61,7 +63,8 @@ class RedisBackendOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    namespace: str = Field(default="ragguard", min_length=1, pattern=r"^[^{}]+$")
+    # no ":" (the separator: backend "app" would otherwise reach backend "app:cache"'s keys) and no hash-tag braces
+    namespace: str = Field(default="ragguard", min_length=1, pattern=r"^[^{}:]+$")
     on_unavailable: OnUnavailable = "fail_open"
     timeout: float = Field(default=0.25, gt=0, le=60)
     expected_instances: int = Field(default=1, ge=1, le=100_000)
@@ -89,8 +92,8 @@ class RedisBackend:
     """Shared state in Redis, for apps that run as several processes or machines.
 
     Pass it wherever a backend is accepted: ``ragguard.guard(client, policy, backend=RedisBackend(url))``. The
-    guards whose state must be shared across instances (rate limits, circuit breakers, caches) then keep it in
-    Redis; per-process ones (bulkheads, single-flight, micro-batching) stay local.
+    guards whose state must be shared across instances (rate limits, circuit breakers, retry budgets, caches) then
+    keep it in Redis; per-process ones (bulkheads, single-flight, micro-batching) stay local.
 
     Args:
         url: ``redis://[[user]:password@]host:port/db`` or ``rediss://…`` (TLS), ACL user and password taken from
@@ -249,6 +252,12 @@ class RedisBackend:
         from ._redis_breaker import RedisBreakerStore
 
         return self._local.get_or_create("redis:breaker_store", "", lambda: RedisBreakerStore(self))
+
+    def budget_store(self) -> RedisBudgetStore:
+        """The retry-budget store (sliding windows of requests and retries) shared through this Redis."""
+        from ._redis_budget import RedisBudgetStore
+
+        return self._local.get_or_create("redis:budget_store", "", lambda: RedisBudgetStore(self))
 
     def cache_store(self, *, max_value_bytes: int = 16 * 2**20) -> RedisCacheStore:
         """The cache store (bytes values with TTLs) shared through this Redis; values above

@@ -8,6 +8,12 @@ through the real ``openai`` and ``pinecone`` SDKs, against :class:`ragguard.test
 use different cores), enforcing an OpenAI-style quota (requests and tokens per minute, per model, with a
 one-second burst). 30 % of the users ask a popular question word for word (``repeat_share``), as FAQ traffic does.
 ``rag=False`` (``--no-rag``) leaves out the index: each user embeds and asks with a fixed context.
+
+With ``faults="flaky"`` the guarded mode also degrades instead of failing (``Policy.degrade``, see
+``docs/degradation.md``): a query that would wait for the index's bulkhead behind more than
+:data:`DEGRADE_QUEUE` others retrieves :data:`DEGRADED_TOP_K` chunks instead of :data:`TOP_K`, and while the chat
+breaker is open users get the retrieved chunks (passed with ``ragguard.call_options(context=...)``) instead of a
+generated answer. ``ModeResult.degraded`` counts the users whose answer was degraded either way.
 """
 
 from __future__ import annotations
@@ -23,9 +29,19 @@ import anyio
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .._call_options import call_options
 from .._tokens import estimate_chat_tokens, estimate_text_tokens
 from ..backends.memory import MemoryBackend
-from ..config import BreakerPolicy, ConcurrencyPolicy, Policy, RateLimitPolicy, RetryPolicy, TimeoutPolicy
+from ..config import (
+    BreakerPolicy,
+    ConcurrencyPolicy,
+    DegradePolicy,
+    Policy,
+    RateLimitPolicy,
+    RetryPolicy,
+    TimeoutPolicy,
+)
+from ..degrade import last_degradation
 
 __all__ = ["MODES", "DemoOptions", "DemoReport", "ModeResult", "WorkerResult", "run_demo", "run_demo_cli"]
 
@@ -37,6 +53,9 @@ MAX_TOKENS = 64
 DIMENSIONS = 16
 #: chunks retrieved per question
 TOP_K = 3
+#: ``--faults flaky``: chunks a degraded query retrieves, and the index queue depth beyond which it is degraded
+DEGRADED_TOP_K = 2
+DEGRADE_QUEUE = 50
 #: texts per embeddings request when the guarded mode ingests
 INGEST_BATCH = 256
 NAMESPACE = "help-centre"
@@ -135,6 +154,9 @@ class ModeResult(BaseModel):
     vector_requests: int = Field(default=0, description="requests the vector store received (ingestion + queries)")
     vector_429: int = Field(default=0, description="of which answered 429")
     workers: list[WorkerResult] = Field(default_factory=list, description="per worker process (--workers > 1)")
+    degraded: int = Field(
+        default=0, description="users served a degraded answer (fewer chunks retrieved, or no generation)"
+    )
 
 
 class DemoReport(BaseModel):
@@ -187,6 +209,8 @@ def guarded_policy(options: DemoOptions) -> Policy:
         # whose per-request bookkeeping grows with its connection count (measured: 256 slots cost ~1 s of wall)
         concurrency=ConcurrencyPolicy(max_in_flight=32),
         breaker=BreakerPolicy(failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0),
+        # flaky: while the chat breaker is open, answer with the retrieved chunks rather than an error
+        degrade=DegradePolicy(skip_generation=True) if flaky else DegradePolicy(),
     )
 
 
@@ -201,6 +225,12 @@ def index_policy(options: DemoOptions, *, writes: bool = False) -> Policy:
         # (measured: 32 in flight tripled the users' wall time)
         concurrency=ConcurrencyPolicy(max_in_flight=8),
         breaker=BreakerPolicy(failure_threshold=50, failure_rate=0.8, window=200, min_calls=100, open_duration=2.0),
+        # flaky: stalled queries hold the index's slots; a query queued behind many others retrieves fewer chunks
+        degrade=(
+            DegradePolicy(when="overloaded", max_queue=DEGRADE_QUEUE, top_k=DEGRADED_TOP_K)
+            if options.faults == "flaky" and not writes
+            else DegradePolicy()
+        ),
     )
 
 
@@ -243,14 +273,19 @@ async def _one_user(
     embed: Callable[..., Awaitable[Any]],
     search: Callable[..., Awaitable[Any]] | None,
     chat: Callable[..., Awaitable[Any]],
-) -> None:
-    """One user's round trip: embed the question, retrieve the top chunks, answer from them."""
+) -> bool:
+    """One user's round trip: embed the question, retrieve the top chunks, answer from them. Returns whether the
+    answer was degraded (fewer chunks retrieved, or the chunks instead of a generated answer)."""
     embedded = await embed(model=EMBED_MODEL, input=question, dimensions=DIMENSIONS)
     context = _CONTEXT
+    degraded = False
     if search is not None:
         found = await search(vector=embedded.data[0].embedding, top_k=TOP_K, namespace=NAMESPACE, include_metadata=True)
+        degraded = last_degradation() is not None
         context = "\n".join(str((match.metadata or {}).get("text", "")) for match in found.matches)
-    await chat(model=CHAT_MODEL, messages=_messages(question, context), max_tokens=MAX_TOKENS, temperature=0)
+    with call_options(context=context):  # what a degraded chat answers with (unused otherwise)
+        await chat(model=CHAT_MODEL, messages=_messages(question, context), max_tokens=MAX_TOKENS, temperature=0)
+    return degraded or last_degradation() is not None
 
 
 def _pinecone(host: str, account: Any = None) -> Any:
@@ -323,7 +358,7 @@ async def _ingest(mode: str, base_url: str, host: str, options: DemoOptions) -> 
                 await index.upsert(vectors=[vector], namespace=NAMESPACE)
             finally:
                 await index.close()
-        except Exception:
+        except Exception:  # noqa: S110 - the naive "before" script: losing chunks silently is what it shows
             pass  # the chunk is lost: the first version of an ingestion script rarely notices
 
     try:
@@ -353,7 +388,10 @@ async def _run_mode(
     on_done: Callable[[bool], None],
     users: Sequence[int] | None = None,
     host: str | None = None,
+    degraded: list[int] | None = None,
 ) -> tuple[list[float], dict[str, int], float]:
+    """One mode's users: their latencies, failures by error type and the wall time; ``degraded[0]`` (when
+    given) counts the users served a degraded answer."""
     from openai import AsyncOpenAI
 
     from .._guard import guard
@@ -401,13 +439,15 @@ async def _run_mode(
     async def user_task(user: int) -> None:
         t0 = time.perf_counter()
         try:
-            await _one_user(_question(user, options.repeat_share), embed, search, chat)
+            was_degraded = await _one_user(_question(user, options.repeat_share), embed, search, chat)
         except Exception as exc:
             name = type(exc).__name__
             errors[name] = errors.get(name, 0) + 1
             on_done(False)
             return
         latencies.append(time.perf_counter() - t0)
+        if was_degraded and degraded is not None:
+            degraded[0] += 1
         on_done(True)
 
     try:
@@ -438,15 +478,22 @@ def _worker_main(
     with counts.get_lock():
         counts[2] = 1  # ready: imports done
     go.wait()
-    latencies, errors, wall = anyio.run(_run_mode, mode, base_url, options, done, users, host)
-    out.put((index, latencies, errors, wall))
+    tally = [0]
+    latencies, errors, wall = anyio.run(_run_mode, mode, base_url, options, done, users, host, tally)
+    out.put((index, latencies, errors, wall, tally[0]))
 
 
 async def _run_workers(
-    mode: str, base_url: str, host: str | None, options: DemoOptions, on_done: Callable[[bool], None]
+    mode: str,
+    base_url: str,
+    host: str | None,
+    options: DemoOptions,
+    on_done: Callable[[bool], None],
+    degraded: list[int] | None = None,
 ) -> tuple[list[float], dict[str, int], float, list[tuple[list[float], dict[str, int], float]]]:
     """Run one mode in ``options.workers`` processes, started together once all are ready; the merged figures
-    (wall time from the common start to the last worker's end), then each worker's."""
+    (wall time from the common start to the last worker's end), then each worker's. ``degraded[0]`` (when
+    given) adds up the workers' degraded users."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -482,8 +529,10 @@ async def _run_workers(
                 on_done(False)
             reported = totals
             while not out.empty():
-                index, latencies, errors, wall = out.get()
+                index, latencies, errors, wall, worker_degraded = out.get()
                 results[index] = (latencies, errors, wall)
+                if degraded is not None:
+                    degraded[0] += worker_degraded
     finally:
         for process in processes:
             process.join(timeout=5)
@@ -598,10 +647,13 @@ async def run_demo(
                 if on_stage is not None:
                     on_stage(mode, "users")
                 per_worker: list[tuple[list[float], dict[str, int], float]] = []
+                tally = [0]  # users served a degraded answer
                 if options.workers > 1:
-                    latencies, errors, wall, per_worker = await _run_workers(mode, server.base_url, host, options, done)
+                    latencies, errors, wall, per_worker = await _run_workers(
+                        mode, server.base_url, host, options, done, tally
+                    )
                 else:
-                    latencies, errors, wall = await _run_mode(mode, server.base_url, options, done, None, host)
+                    latencies, errors, wall = await _run_mode(mode, server.base_url, options, done, None, host, tally)
                 if on_stage is not None:
                     on_stage(mode, "done")
                 index_stats: dict[str, Any] = {}
@@ -639,6 +691,7 @@ async def run_demo(
                             _worker_result(index, len(range(index, options.users, options.workers)), *figures)
                             for index, figures in enumerate(per_worker)
                         ],
+                        degraded=tally[0],
                     )
                 )
     return DemoReport(
@@ -669,9 +722,10 @@ def _worker_result(index: int, users: int, latencies: list[float], errors: dict[
 
 
 def render_table(report: DemoReport) -> Any:
-    """The results as a ``rich`` table."""
+    """The results as a ``rich`` table (a *degraded* column only when some mode served degraded answers)."""
     from rich.table import Table
 
+    degraded = int(any(m.degraded for m in report.modes))
     table = Table(
         caption=(
             "ingest = embed and upsert the corpus; vectors = stored afterwards; index reqs = vector-store requests "
@@ -680,7 +734,8 @@ def render_table(report: DemoReport) -> Any:
             else ""
         )
         + "goodput = users served ÷ users the quota admits in that wall time (a full bucket + refill); "
-        "min s = least wall time the quota allows for what the mode sent",
+        "min s = least wall time the quota allows for what the mode sent"
+        + ("; degraded = served a degraded answer (fewer chunks, or no generation)" if degraded else ""),
         title=(
             f"Monday morning: {report.modes[0].users if report.modes else 0} users, quota {report.rpm:,.0f} RPM / "
             f"{report.tpm:,.0f} TPM per model"
@@ -699,6 +754,7 @@ def render_table(report: DemoReport) -> Any:
         "mode",
         *index_headers,
         "served",
+        *(("degraded",) if degraded else ()),
         "failed",
         "upstream",
         "429s",
@@ -718,6 +774,7 @@ def render_table(report: DemoReport) -> Any:
             m.mode,
             *(index_cells if report.rag else ()),
             f"{m.succeeded} ({share:.0%})",
+            *((str(m.degraded),) if degraded else ()),
             str(m.failed),
             str(m.upstream_requests),
             f"{m.upstream_429} ({m.upstream_429 / max(1, m.upstream_requests):.0%})",
@@ -734,6 +791,7 @@ def render_table(report: DemoReport) -> Any:
                 f"  worker {w.worker}",
                 *("·" * len(index_headers)),
                 f"{w.succeeded} ({w.succeeded / max(1, w.users):.0%})",
+                *("·" * degraded),
                 str(w.failed),
                 *("·" * 3),
                 f"{w.p50_s:.2f}",

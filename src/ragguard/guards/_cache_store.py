@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Protocol, runtime_checkable
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["AsyncCacheStore", "CacheStore", "MemoryCacheStore", "is_async_store"]
@@ -185,6 +186,7 @@ class MemoryCacheStore:
                     self.expirations += 1
                 else:
                     self.evictions += 1
+                    telemetry.cache_accessed("store", "evicted")
             data[key] = (value, expires)
             self._bytes += size
             return True

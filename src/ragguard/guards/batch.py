@@ -44,6 +44,7 @@ from typing import Any, Generic, TypeVar, cast
 import anyio
 import anyio.lowlevel
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._sync import run_in_worker, run_sync
 from ..config import BatchingPolicy
@@ -402,6 +403,7 @@ class MicroBatcher(Generic[Item, Result]):
         """One ``dispatch`` call; on an item error, isolate the bad item(s) by halving."""
         self.batches_sent += 1
         self.items_sent += len(items)
+        telemetry.batch_flushed("micro_batch", len(items), batch.callers)
         try:
             results = list(await self._dispatch(batch.key, items))
             if len(results) != len(items):

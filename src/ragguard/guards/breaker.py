@@ -28,6 +28,24 @@ What a call's result counts as:
   deadline…) that ``is_failure`` does not call a failure is **ignored**: the provider was never asked;
 - a cancellation (or any other ``BaseException``): **ignored**, and a probe's lease is released at once.
 
+Slow calls (resilience4j's slow-call rate, made size-aware: resilience4j#1477 — LLM calls take from 150 ms to
+minutes, so one duration threshold cannot tell a slow provider from a long answer). A call recorded as a success
+or a failure is also judged *slow* or not, by the first rule that applies:
+
+1. a stream whose first chunk's time is known (``ctx.first_token_s``): slow when it exceeds
+   ``slow_first_token_s`` (or, when that is unset, ``slow_call_s``);
+2. a completion whose output size is known (``ctx.output_tokens``, ``n`` tokens; 0 counts as 1) and
+   ``slow_call_s_per_token`` set: slow when its latency exceeds ``slow_first_token_s + slow_call_s_per_token · n``
+   (``slow_first_token_s`` counting 0 when unset) — the usual model of LLM latency, time to first token plus
+   time per output token;
+3. otherwise, raw latency: slow when it exceeds ``slow_call_s``.
+
+The latency is the attempt's own (``ctx.attempt_s``, set by the provider layer: no rate-limit wait nor bulkhead
+queueing in it) when known, else the time around this guard's call. The breaker also opens when the window holds
+at least ``min_calls`` calls and the share of slow ones is ``>= slow_call_rate``; a slow half-open probe counts
+as a failed one. With no slow-call setting (the default) the breaker reads no clock per call. (Source:
+https://resilience4j.readme.io/docs/circuitbreaker, ``slowCallRateThreshold``/``slowCallDurationThreshold``.)
+
 A result only counts in the state that admitted its call: results of calls admitted before a transition
 (including :meth:`CircuitBreaker.reset` and :meth:`CircuitBreaker.force_open`) are ignored.
 
@@ -44,6 +62,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, TypeVar
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._outcome import Outcome
@@ -51,7 +70,7 @@ from ..config import BreakerPolicy
 from ..errors import CircuitOpenError, RetryExhausted
 from .pipeline import GuardBase
 
-__all__ = ["BreakerPermit", "BreakerSnapshot", "BreakerState", "CircuitBreaker", "StateChangeHook"]
+__all__ = ["BreakerPermit", "BreakerSnapshot", "BreakerState", "CircuitBreaker", "StateChangeHook", "is_slow_call"]
 
 T = TypeVar("T")
 
@@ -82,6 +101,35 @@ _FAILURE = 1
 _IGNORED = 2
 
 
+def is_slow_call(
+    latency_s: float,
+    *,
+    output_tokens: float | None = None,
+    first_token_s: float | None = None,
+    slow_call_s: float | None = None,
+    slow_call_s_per_token: float | None = None,
+    slow_first_token_s: float | None = None,
+) -> bool:
+    """Whether a call counts as slow, by the size-aware rules of the module docstring (first that applies).
+
+    Args:
+        latency_s: the call's latency, seconds.
+        output_tokens: tokens it generated, when known.
+        first_token_s: seconds to a stream's first chunk, when known.
+        slow_call_s: the raw-latency threshold, seconds (``None``: none).
+        slow_call_s_per_token: the per-output-token allowance, seconds per token (``None``: none).
+        slow_first_token_s: the first-chunk threshold, seconds, and the fixed part of the per-token rule.
+    """
+    if first_token_s is not None:
+        threshold = slow_first_token_s if slow_first_token_s is not None else slow_call_s
+        if threshold is not None:
+            return first_token_s > threshold
+    if output_tokens is not None and slow_call_s_per_token is not None:
+        fixed = slow_first_token_s if slow_first_token_s is not None else 0.0
+        return latency_s > fixed + slow_call_s_per_token * (output_tokens if output_tokens >= 1.0 else 1.0)
+    return slow_call_s is not None and latency_s > slow_call_s
+
+
 class BreakerSnapshot:
     """A consistent view of a breaker at one moment (for health reports and tests).
 
@@ -91,6 +139,8 @@ class BreakerSnapshot:
         calls: calls recorded in the sliding window (``<= window``).
         failures: failures among them.
         failure_rate: ``failures / calls`` (``0.0`` when the window is empty).
+        slow_calls: slow calls among them (always 0 without a slow-call setting).
+        slow_call_rate: ``slow_calls / calls`` (``0.0`` when the window is empty).
         consecutive_failures: failures in a row since the last success.
         retry_at: while open, the clock time (seconds) at which it will admit a probe; otherwise ``None``.
         probes: probe leases currently held (half-open only).
@@ -104,6 +154,8 @@ class BreakerSnapshot:
         "name",
         "probes",
         "retry_at",
+        "slow_call_rate",
+        "slow_calls",
         "state",
     )
 
@@ -117,12 +169,15 @@ class BreakerSnapshot:
         consecutive_failures: int,
         retry_at: float | None,
         probes: int,
+        slow_calls: int = 0,
     ) -> None:
         self.name = name
         self.state = state
         self.calls = calls
         self.failures = failures
         self.failure_rate = failures / calls if calls else 0.0
+        self.slow_calls = slow_calls
+        self.slow_call_rate = slow_calls / calls if calls else 0.0
         self.consecutive_failures = consecutive_failures
         self.retry_at = retry_at
         self.probes = probes
@@ -130,7 +185,7 @@ class BreakerSnapshot:
     def __repr__(self) -> str:
         return (
             f"BreakerSnapshot(name={self.name!r}, state={self.state.value}, calls={self.calls}, "
-            f"failures={self.failures}, failure_rate={self.failure_rate:.3f}, "
+            f"failures={self.failures}, failure_rate={self.failure_rate:.3f}, slow_calls={self.slow_calls}, "
             f"consecutive_failures={self.consecutive_failures}, retry_at={self.retry_at}, "
             f"probes={self.probes})"
         )
@@ -156,23 +211,24 @@ class BreakerPermit:
         """Whether this permit holds a half-open probe lease."""
         return self._lease != 0
 
-    def record_success(self) -> None:
-        """The call succeeded (or the provider answered with an error that is not a failure)."""
-        self._report(_SUCCESS)
+    def record_success(self, *, slow: bool = False) -> None:
+        """The call succeeded (or the provider answered with an error that is not a failure); ``slow``: it
+        counts as slow (judge it with :func:`is_slow_call`)."""
+        self._report(_SUCCESS, slow)
 
-    def record_failure(self) -> None:
-        """The call failed in a way that says the provider is unhealthy."""
-        self._report(_FAILURE)
+    def record_failure(self, *, slow: bool = False) -> None:
+        """The call failed in a way that says the provider is unhealthy; ``slow`` as for :meth:`record_success`."""
+        self._report(_FAILURE, slow)
 
     def release(self) -> None:
         """The call ended without a verdict (cancelled, or refused before reaching the provider)."""
         self._report(_IGNORED)
 
-    def _report(self, verdict: int) -> None:
+    def _report(self, verdict: int, slow: bool = False) -> None:
         breaker = self._breaker
         if breaker is not None:
             self._breaker = None
-            breaker._settle(self._generation, self._lease, verdict)
+            breaker._settle(self._generation, self._lease, verdict, slow)
 
 
 class CircuitBreaker(GuardBase):
@@ -188,6 +244,13 @@ class CircuitBreaker(GuardBase):
         half_open_probes: probe calls admitted (concurrently) while half-open; that many successes close it.
         half_open_max_wait: seconds after which an unreported probe lease expires.
         count_rate_limits: count a rate-limited answer (a 429) as a failure; by default it is flow control.
+        slow_call_s: seconds beyond which a call of unknown size is slow (``None``: no such rule).
+        slow_call_s_per_token: seconds per output token allowed a completion of known size (``None``: no
+            such rule).
+        slow_first_token_s: seconds allowed before a stream's first chunk, and the fixed part of the
+            per-token rule (``None``: 0 there, and streams fall back to ``slow_call_s``).
+        slow_call_rate: slow share in ``(0, 1]`` over the window (at least ``min_calls`` calls) that opens the
+            breaker.
         enabled: ``False`` makes :meth:`run` a pass-through.
         is_failure: ``(exc, outcome) -> bool``, overriding which exceptions are failures.
         clock: the clock ``open_duration`` and ``half_open_max_wait`` are measured on.
@@ -229,7 +292,14 @@ class CircuitBreaker(GuardBase):
         "_pos",
         "_probe_successes",
         "_retry_at",
+        "_slow",
+        "_slow_call_rate",
+        "_slow_call_s",
+        "_slow_first_token_s",
+        "_slow_outcomes",
+        "_slow_per_token",
         "_state",
+        "_timed",
         "_window",
         "clock",
         "name",
@@ -248,6 +318,10 @@ class CircuitBreaker(GuardBase):
         half_open_probes: int = 1,
         half_open_max_wait: float = 60.0,
         count_rate_limits: bool = False,
+        slow_call_s: float | None = None,
+        slow_call_s_per_token: float | None = None,
+        slow_first_token_s: float | None = None,
+        slow_call_rate: float = 1.0,
         enabled: bool = True,
         is_failure: Callable[[BaseException, Outcome], bool] | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -263,6 +337,10 @@ class CircuitBreaker(GuardBase):
             half_open_probes=half_open_probes,
             half_open_max_wait=half_open_max_wait,
             count_rate_limits=count_rate_limits,
+            slow_call_s=slow_call_s,
+            slow_call_s_per_token=slow_call_s_per_token,
+            slow_first_token_s=slow_first_token_s,
+            slow_call_rate=slow_call_rate,
         )
         #: the validated settings
         self.policy = policy
@@ -278,6 +356,16 @@ class CircuitBreaker(GuardBase):
         self._half_open_probes = policy.half_open_probes
         self._half_open_max_wait = policy.half_open_max_wait
         self._count_rate_limits = policy.count_rate_limits
+        self._slow_call_s = policy.slow_call_s
+        self._slow_per_token = policy.slow_call_s_per_token
+        self._slow_first_token_s = policy.slow_first_token_s
+        self._slow_call_rate = policy.slow_call_rate
+        # only a breaker with a slow-call rule reads the clock around each call
+        self._timed = (
+            policy.slow_call_s is not None
+            or policy.slow_call_s_per_token is not None
+            or (policy.slow_first_token_s is not None)
+        )
         self._is_failure = is_failure
         self._on_state_change = on_state_change
         self._lock = threading.Lock()
@@ -289,6 +377,9 @@ class CircuitBreaker(GuardBase):
         self._pos = 0
         self._calls = 0
         self._failures = 0
+        # the same window's slow flags (0/1), and their count
+        self._slow_outcomes = bytearray(policy.window)
+        self._slow = 0
         self._consecutive = 0
         self._retry_at = math.inf
         # half-open: lease id -> clock time at which it expires
@@ -338,6 +429,8 @@ class CircuitBreaker(GuardBase):
             lease = 0
         else:
             generation, lease = self._admit()
+        if self._timed:
+            return await self._run_timed(call, ctx, generation, lease)
         try:
             result = await call()
         except Exception as exc:
@@ -350,6 +443,33 @@ class CircuitBreaker(GuardBase):
             raise
         self._settle(generation, lease, _SUCCESS)
         return result
+
+    async def _run_timed(self, call: Callable[[], Awaitable[T]], ctx: CallContext, generation: int, lease: int) -> T:
+        clock = self.clock
+        start = clock.now()
+        try:
+            result = await call()
+        except Exception as exc:
+            verdict = self._judge(exc, ctx)
+            self._settle(generation, lease, verdict, verdict != _IGNORED and self._slow_call(clock.now() - start, ctx))
+            raise
+        except BaseException:
+            if lease:
+                self._settle(generation, lease, _IGNORED)
+            raise
+        self._settle(generation, lease, _SUCCESS, self._slow_call(clock.now() - start, ctx))
+        return result
+
+    def _slow_call(self, elapsed: float, ctx: CallContext) -> bool:
+        attempt_s = ctx.attempt_s
+        return is_slow_call(
+            elapsed if attempt_s is None else attempt_s,
+            output_tokens=ctx.output_tokens,
+            first_token_s=ctx.first_token_s,
+            slow_call_s=self._slow_call_s,
+            slow_call_s_per_token=self._slow_per_token,
+            slow_first_token_s=self._slow_first_token_s,
+        )
 
     def acquire(self) -> BreakerPermit:
         """Ask for permission to make one call; report its result on the returned permit.
@@ -415,18 +535,18 @@ class CircuitBreaker(GuardBase):
             raise error
         return admitted
 
-    def _settle(self, generation: int, lease: int, verdict: int) -> None:
+    def _settle(self, generation: int, lease: int, verdict: int, slow: bool = False) -> None:
         with self._lock:
             if generation != self._generation:
                 return  # admitted in an earlier state: its result no longer counts
             state = self._state
             if state is _CLOSED:
                 if verdict != _IGNORED:
-                    self._record(verdict == _FAILURE)
+                    self._record(verdict == _FAILURE, slow)
             elif state is _HALF_OPEN:
                 expires_at = self._leases.pop(lease, None)
                 if expires_at is not None and verdict != _IGNORED and self.clock.now() < expires_at:
-                    if verdict == _FAILURE:
+                    if verdict == _FAILURE or slow:
                         self._to_open(self._open_duration)
                     else:
                         self._probe_successes += 1
@@ -435,14 +555,21 @@ class CircuitBreaker(GuardBase):
         if self._pending:
             self._announce()
 
-    def _record(self, failed: bool) -> None:
+    def _record(self, failed: bool, slow: bool = False) -> None:
         outcomes = self._outcomes
         pos = self._pos
-        if self._calls == self._window:
+        full = self._calls == self._window
+        if full:
             self._failures -= outcomes[pos]  # the oldest call leaves the window
         else:
             self._calls += 1
         outcomes[pos] = failed
+        if slow or self._slow:  # (all slow flags are 0 while the count is 0: nothing to keep)
+            slows = self._slow_outcomes
+            if full:
+                self._slow -= slows[pos]
+            slows[pos] = slow
+            self._slow += slow
         pos += 1
         self._pos = 0 if pos == self._window else pos
         if failed:
@@ -451,7 +578,11 @@ class CircuitBreaker(GuardBase):
         else:
             self._consecutive = 0
         if self._consecutive >= self._failure_threshold or (
-            self._calls >= self._min_calls and self._failures / self._calls >= self._failure_rate
+            self._calls >= self._min_calls
+            and (
+                self._failures / self._calls >= self._failure_rate
+                or (self._slow and self._slow / self._calls >= self._slow_call_rate)
+            )
         ):
             self._to_open(self._open_duration)
 
@@ -467,8 +598,8 @@ class CircuitBreaker(GuardBase):
         self._generation += 1
         self._leases.clear()
         self._probe_successes = 0
-        if old is not new and self._on_state_change is not None:
-            self._pending.append((old, new))
+        if old is not new:
+            self._pending.append((old, new))  # announced (telemetry, hook) once the lock is released
 
     def _to_open(self, duration: float) -> None:
         self._retry_at = self.clock.now() + duration
@@ -480,13 +611,18 @@ class CircuitBreaker(GuardBase):
 
     def _to_closed(self) -> None:
         self._retry_at = math.inf
-        # stale ring entries are overwritten before they are read again: counts and position are enough
-        self._pos = self._calls = self._failures = self._consecutive = 0
+        # stale ring entries are overwritten before they are read again: counts and position are enough (the slow
+        # flags are only written while one is set, so they are cleared here)
+        if self._slow:
+            self._slow_outcomes[:] = bytes(self._window)
+        self._pos = self._calls = self._failures = self._slow = self._consecutive = 0
         self._transition(_CLOSED)
 
     def _announce(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+        for old, new in pending:
+            telemetry.breaker_changed(self.name, old.value, new.value)
         hook = self._on_state_change
         if hook is None:
             return
@@ -529,6 +665,7 @@ class CircuitBreaker(GuardBase):
                 consecutive_failures=self._consecutive,
                 retry_at=self._retry_at if self._state is _OPEN else None,
                 probes=len(self._leases),
+                slow_calls=self._slow,
             )
         if self._pending:
             self._announce()

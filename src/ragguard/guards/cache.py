@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import CachePolicy
@@ -371,6 +372,8 @@ class Cache(GuardBase):
         raw = self._sstore.get(full)
         if raw is None:
             self._misses += record
+            if record:
+                telemetry.cache_accessed(self.policy.namespace, "miss")
             return _MISS
         try:
             value = self.serializer.loads(raw)
@@ -382,6 +385,8 @@ class Cache(GuardBase):
             self._misses += record
             return _MISS
         self._hits += record
+        if record:
+            telemetry.cache_accessed(self.policy.namespace, "hit")
         return result
 
     def _store_unavailable(self, action: str, full: str) -> None:
@@ -398,6 +403,8 @@ class Cache(GuardBase):
             raw = None
         if raw is None:
             self._misses += record
+            if record:
+                telemetry.cache_accessed(self.policy.namespace, "miss")
             return _MISS
         try:
             value = self.serializer.loads(raw)
@@ -411,6 +418,8 @@ class Cache(GuardBase):
             self._misses += record
             return _MISS
         self._hits += record
+        if record:
+            telemetry.cache_accessed(self.policy.namespace, "hit")
         return result
 
     def _fill(self, full: str, value: Any, ttl: float | None) -> bool:
@@ -508,6 +517,7 @@ class Cache(GuardBase):
             extras = ctx.extras = {}
         if not isinstance(found, _Miss):
             extras["cache_hit"] = True
+            telemetry.note_result(cache_hit=True)
             return cast(T, found)
         extras["cache_hit"] = False
         result = await call()

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import anyio
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import CoalescePolicy
@@ -190,6 +191,7 @@ class Coalescer(GuardBase):
         if flight is None:
             return await call()
         if not leader:
+            telemetry.note_result(coalesced=True)
             extras = ctx.extras
             if extras is None:
                 ctx.extras = {FOLLOWER_EXTRA: True}

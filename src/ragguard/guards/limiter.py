@@ -37,6 +37,36 @@ Provider feedback
 - ``follow_headers``: after a call (success or failure), when the provider's ``x-ratelimit-remaining-*`` says
   fewer requests or tokens are left than the limiter's level, the level is lowered to match. It is never
   raised: the provider is the ground truth when it says less is left.
+- ``follow_headers`` also makes the *refill rate* adapt, never above the configured ``rpm`` / ``tpm``::
+
+      effective rate = min(configured, advertised) · backoff
+
+  *advertised* is the provider's own limit, ``x-ratelimit-limit-requests`` / ``x-ratelimit-limit-tokens`` (per
+  minute: "the maximum number of requests / tokens that are permitted before exhausting the rate limit",
+  https://platform.openai.com/docs/guides/rate-limits, section "Rate limits in headers"; OpenAI refills a
+  bucket continuously, ``x-ratelimit-reset-*`` being the time until it is full again, e.g. ``6m0s``,
+  ``120ms``, which the 429 wait hint reads). It is learnt from the latest response, and only with
+  ``scope="model"`` (OpenAI's limits are per model; a ``credential`` pool spans models with different limits).
+  A provider that puts another figure under these names (Groq's ``x-ratelimit-limit-requests`` counts requests
+  per *day*) advertises more than any per-minute quota, which the ``min`` then keeps.
+  *backoff* is AIMD over the rate (Chiu & Jain, 1989): a 429 that carries the provider's ``x-ratelimit-*``
+  headers (a bare 429 only pauses, see below) multiplies it by :data:`RATE_BACKOFF` (0.7, TCP
+  CUBIC's β, RFC 9438 §4.6), once per round — only a call admitted since the last decrease (or since a lower
+  advertised limit was learnt) decreases it again, so a burst of 429s answering one over-fast round counts once;
+  it never falls below :data:`MIN_RATE_BACKOFF`. While below 1 it recovers additively, by
+  :data:`RATE_RECOVERY_PER_S` (0.02, i.e. 2 % of the rate per second: 15 s from 0.7 back to 1), at each
+  successful call. A slower rate keeps each bucket's level (its count of requests or tokens, debt included) and
+  converts it to the new refill speed, and the reservations already waiting are stretched the same way
+  (``t → b + (t - b)·k``, ``k`` = new interval / old, ``b`` = now or the end of a pause), so callers scheduled
+  at a too-high rate before the provider's limit was known go at the new pace too. When the slower rate is a
+  newly learnt advertised limit (a fact about the past too, not only a decision for the future), the calls
+  admitted during the last ``burst_seconds`` of the bucket's busy period are moreover charged as if that rate
+  had applied to them (the over-admitted burst becomes debt that later callers wait out): the first callers of
+  a process, admitted at a too-high configured rate before any answer came back, are still on their way to the
+  provider and would otherwise meet an empty provider bucket. A faster rate (recovery, a
+  higher advertised limit) only makes refill faster from then on: the debt and the waiting reservations keep
+  their times. Since the effective rate never exceeds the configured one, the window bound below holds for the
+  configured quota whatever the provider says.
 - ``share_retry_after``: when an attempt fails rate-limited (``ctx.classify(exc).rate_limited``), the whole
   limiter pauses for the provider's hint (``retry-after-ms`` / ``Retry-After``; without one, the time one
   request takes to refill). Every caller of the limiter holds off, not only the one that got the 429
@@ -61,6 +91,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import MAX_HINT_SECONDS, RateLimitHeaders
@@ -78,6 +109,31 @@ DEFAULT_PAUSE = 1.0
 PAUSE_JITTER_FRACTION = 0.1
 #: ... and at most this many request intervals (``60/rpm`` seconds each) when there is a request limit
 PAUSE_JITTER_INTERVALS = 3.0
+#: multiplicative decrease of the effective rate on a 429 (``follow_headers``), once per round
+RATE_BACKOFF = 0.7
+#: the effective rate never falls below this share of ``min(configured, advertised)``
+MIN_RATE_BACKOFF = 0.05
+#: additive recovery of the backoff factor, per second, applied at each success while it is below 1
+RATE_RECOVERY_PER_S = 0.02
+
+
+class _Sleeper:
+    """A caller waiting for its reservation: its time (in the frame of ``shift0``, see ``_wait``)."""
+
+    __slots__ = ("at", "shift0")
+
+    def __init__(self, at: float, shift0: float) -> None:
+        self.at = at
+        self.shift0 = shift0
+
+
+def _rescaled(tat: float, old_inv: float, new_inv: float, base: float, burst: float) -> float:
+    """A bucket's ``tat`` after its cost per unit changes from ``old_inv`` to ``new_inv`` seconds, keeping its
+    level in units (debt included): level ``L`` at time ``base`` is ``tat = base + burst - L·inv``."""
+    behind = tat - base
+    if behind <= 0.0:
+        return tat  # full: stays full
+    return base + burst - (burst - behind) / old_inv * new_inv
 
 
 class RateLimiter(GuardBase):
@@ -90,7 +146,8 @@ class RateLimiter(GuardBase):
         scope: which callers share one limiter (``model`` or ``credential``); decided by the provider layer,
             stored here for it.
         accounting: ``openai`` (debit under-estimates only) or ``reconcile`` (settle to ``usage`` both ways).
-        follow_headers: lower the levels to the provider's ``x-ratelimit-remaining-*`` when they are lower.
+        follow_headers: lower the levels to the provider's ``x-ratelimit-remaining-*`` when they are lower, cap
+            the rates to its ``x-ratelimit-limit-*`` and back off on 429s (see the module docstring).
         share_retry_after: pause every caller when an attempt is rate-limited.
         max_wait: longest wait for capacity, seconds (``None``: until the call's deadline).
         clock: the clock the schedule runs on (waits use ``clock.sleep``).
@@ -111,18 +168,29 @@ class RateLimiter(GuardBase):
     #: every wait of this guard ends by ``ctx.deadline`` (lets Pipeline elide a redundant cancel scope)
     honours_deadline = True
     __slots__ = (
+        "_adv_req_inv",
+        "_adv_tok_inv",
+        "_backoff",
+        "_backoff_at",
         "_burst",
+        "_cfg_req_inv",
+        "_cfg_tok_inv",
+        "_epoch",
         "_follow_headers",
         "_jitter_cap",
+        "_learn_limits",
         "_lock",
         "_max_wait",
         "_paused_until",
         "_reconcile",
+        "_req_busy",
         "_req_inv",
         "_req_tat",
         "_rng",
         "_share_retry_after",
         "_shift",
+        "_sleepers",
+        "_tok_busy",
         "_tok_inv",
         "_tok_tat",
         "clock",
@@ -158,7 +226,7 @@ class RateLimiter(GuardBase):
         policy = self.policy
         self.clock = clock
         self.name = name
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not a secret
         self._lock = threading.Lock()
         self._burst = float(policy.burst_seconds)
         # Seconds of refill one unit costs (0.0: no limit). Every bucket quantity below is kept in seconds of
@@ -168,6 +236,9 @@ class RateLimiter(GuardBase):
         # theoretical arrival times: when each bucket would be full again (-inf: full since forever)
         self._req_tat = -math.inf
         self._tok_tat = -math.inf
+        # when each bucket was last full (the start of its busy period): a learnt limit replays from there
+        self._req_busy = -math.inf
+        self._tok_busy = -math.inf
         self._max_wait = policy.max_wait if policy.max_wait is not None else math.inf
         self._paused_until = -math.inf
         # total seconds shared pauses have pushed the schedule back; a waiting caller compares it with the
@@ -177,6 +248,18 @@ class RateLimiter(GuardBase):
         self._reconcile = policy.accounting == "reconcile"
         self._follow_headers = policy.follow_headers
         self._share_retry_after = policy.share_retry_after
+        # the adaptive rate: configured and advertised costs per unit (0.0: none / not known yet), the AIMD
+        # factor, when it last changed, and the round counter (bumped by every decrease of the rate)
+        self._cfg_req_inv = self._req_inv
+        self._cfg_tok_inv = self._tok_inv
+        self._adv_req_inv = 0.0
+        self._adv_tok_inv = 0.0
+        self._backoff = 1.0
+        self._backoff_at = -math.inf
+        self._epoch = 0
+        self._learn_limits = policy.follow_headers and policy.scope == "model"
+        # callers sleeping until their reservation, so that a slower rate can move them (insertion-ordered)
+        self._sleepers: dict[_Sleeper, None] = {}
 
     @classmethod
     def from_policy(cls, section: RateLimitPolicy, **extras: Any) -> RateLimiter:
@@ -195,6 +278,32 @@ class RateLimiter(GuardBase):
     def tpm(self) -> float | None:
         """Tokens per minute (``None``: no token limit)."""
         return self.policy.tpm
+
+    @property
+    def effective_rpm(self) -> float | None:
+        """The request rate enforced now, per minute: ``min(rpm, provider_rpm) · backoff`` (``None``: no request
+        limit)."""
+        return 60.0 / self._req_inv if self._req_inv else None
+
+    @property
+    def effective_tpm(self) -> float | None:
+        """The token rate enforced now, per minute (``None``: no token limit)."""
+        return 60.0 / self._tok_inv if self._tok_inv else None
+
+    @property
+    def provider_rpm(self) -> float | None:
+        """The provider's advertised requests per minute (``x-ratelimit-limit-requests``), once seen."""
+        return 60.0 / self._adv_req_inv if self._adv_req_inv else None
+
+    @property
+    def provider_tpm(self) -> float | None:
+        """The provider's advertised tokens per minute (``x-ratelimit-limit-tokens``), once seen."""
+        return 60.0 / self._adv_tok_inv if self._adv_tok_inv else None
+
+    @property
+    def backoff(self) -> float:
+        """The AIMD factor on the rate, in ``[MIN_RATE_BACKOFF, 1]`` (1: no 429 lately)."""
+        return self._backoff
 
     @property
     def scope(self) -> Literal["model", "credential"]:
@@ -310,8 +419,16 @@ class RateLimiter(GuardBase):
             if wait <= budget or wait <= 0.0:
                 # Charge at the admission time: a bucket that would refill past full before then loses the
                 # excess, which keeps the window bound when the other bucket is the one that delays the call.
-                self._req_tat = (req_tat if req_tat > at else at) + req_cost
-                self._tok_tat = (tok_tat if tok_tat > at else at) + tok_cost
+                if req_tat > at:
+                    self._req_tat = req_tat + req_cost
+                else:
+                    self._req_tat = at + req_cost
+                    self._req_busy = at
+                if tok_tat > at:
+                    self._tok_tat = tok_tat + tok_cost
+                else:
+                    self._tok_tat = at + tok_cost
+                    self._tok_busy = at
                 return wait
         raise RateLimitTimeout(
             f"rate limiter {self.name!r} needs {wait:.3f} s before admitting the call; "
@@ -332,16 +449,19 @@ class RateLimiter(GuardBase):
         base = reserved_at  # where the schedule puts us, without release jitter
         target = reserved_at
         late = -1.0
+        sleeper = _Sleeper(reserved_at, shift0)
+        with self._lock:
+            self._sleepers[sleeper] = None
         try:
             while True:
                 await clock.sleep(target - clock.now())
                 with self._lock:
-                    moved = reserved_at + (self._shift - shift0)
+                    moved = sleeper.at + (self._shift - shift0)
                     floor = self._paused_until
                     jitter_cap = self._jitter_cap
                 candidate = moved if moved >= floor else floor
                 if candidate <= base:
-                    break  # no pause moved us while we slept
+                    break  # no pause nor slower rate moved us while we slept
                 base = candidate
                 target = candidate + (self._rng.uniform(0.0, jitter_cap) if floor > moved else 0.0)
                 if target > limit_at:
@@ -350,11 +470,14 @@ class RateLimiter(GuardBase):
         except BaseException:
             self._refund(requests * self._req_inv, tokens * self._tok_inv)
             raise
+        finally:
+            with self._lock:
+                del self._sleepers[sleeper]
         now = clock.now()
         if late >= 0.0:
             self._refund(requests * self._req_inv, tokens * self._tok_inv)
             raise RateLimitTimeout(
-                f"rate limiter {self.name!r} was paused by the provider: {late:.3f} s more to wait, "
+                f"rate limiter {self.name!r} was paused or slowed by the provider: {late:.3f} s more to wait, "
                 f"the wait may last only {limit_at - now:.3f} s more",
                 wait=late,
                 remaining=limit_at - now,
@@ -395,10 +518,14 @@ class RateLimiter(GuardBase):
             now = self.clock.now()
             if req_cost:
                 tat = self._req_tat
-                self._req_tat = (tat if tat > now else now) + req_cost
+                if tat <= now:
+                    tat = self._req_busy = now
+                self._req_tat = tat + req_cost
             if tok_cost:
                 tat = self._tok_tat
-                self._tok_tat = (tat if tat > now else now) + tok_cost
+                if tat <= now:
+                    tat = self._tok_busy = now
+                self._tok_tat = tat + tok_cost
 
     def pause(self, seconds: float) -> None:
         """Hold every caller of this limiter for ``seconds`` (a provider's Retry-After), see the module doc.
@@ -433,28 +560,133 @@ class RateLimiter(GuardBase):
             horizon = until + burst
             if self._req_inv:
                 tat = self._req_tat + shift
-                self._req_tat = tat if tat > horizon else horizon
+                if tat > horizon:
+                    self._req_tat = tat
+                    self._req_busy += shift
+                else:
+                    self._req_tat, self._req_busy = horizon, until
             if self._tok_inv:
                 tat = self._tok_tat + shift
-                self._tok_tat = tat if tat > horizon else horizon
+                if tat > horizon:
+                    self._tok_tat = tat
+                    self._tok_busy += shift
+                else:
+                    self._tok_tat, self._tok_busy = horizon, until
 
     def observe(self, headers: RateLimitHeaders) -> None:
         """Lower the levels to the provider's ``remaining_requests`` / ``remaining_tokens`` when those are
-        lower (never raise them: the provider is the ground truth when it says less is left)."""
+        lower (never raise them: the provider is the ground truth when it says less is left); with
+        ``scope="model"``, cap the rates to its ``limit_requests`` / ``limit_tokens`` (per minute)."""
         remaining_requests = headers.remaining_requests
         remaining_tokens = headers.remaining_tokens
         burst = self._burst
         with self._lock:
             now = self.clock.now()
+            if self._learn_limits:
+                self._learn(headers.limit_requests, headers.limit_tokens, now)
             if remaining_requests is not None and self._req_inv:
                 # level L <=> tat = now + burst - L·inv
                 tat = now + burst - remaining_requests * self._req_inv
                 if tat > self._req_tat:
+                    if self._req_tat <= now:
+                        self._req_busy = now
                     self._req_tat = tat
             if remaining_tokens is not None and self._tok_inv:
                 tat = now + burst - remaining_tokens * self._tok_inv
                 if tat > self._tok_tat:
+                    if self._tok_tat <= now:
+                        self._tok_busy = now
                     self._tok_tat = tat
+
+    # --- the adaptive rate (under the lock) ------------------------------------------------------------
+
+    def _learn(self, limit_requests: float | None, limit_tokens: float | None, now: float) -> None:
+        changed = False
+        if limit_requests is not None and limit_requests > 0.0 and self._cfg_req_inv:
+            inv = 60.0 / limit_requests
+            if inv != self._adv_req_inv:
+                self._adv_req_inv, changed = inv, True
+        if limit_tokens is not None and limit_tokens > 0.0 and self._cfg_tok_inv:
+            inv = 60.0 / limit_tokens
+            if inv != self._adv_tok_inv:
+                self._adv_tok_inv, changed = inv, True
+        if changed:
+            self._retune(now, replay=True)
+
+    def _retune(self, now: float, *, replay: bool = False) -> None:
+        """Set the costs per unit to ``max(configured, advertised) / backoff``, keeping the levels (``replay``:
+        charging the last burst's admissions at the slower rate); a slower rate starts a new round (429s of
+        calls admitted before it do not decrease the rate again)."""
+        base = self._paused_until if self._paused_until > now else now  # a pause keeps its end
+        burst = self._burst
+        backoff = self._backoff
+        stretch = 1.0  # the largest slow-down factor of the two buckets ...
+        extra = 0.0  # ... and the largest replayed debt, seconds
+        if self._cfg_req_inv:
+            adv = self._adv_req_inv
+            inv = (adv if adv > self._cfg_req_inv else self._cfg_req_inv) / backoff
+            old = self._req_inv
+            if inv > old:
+                k = inv / old
+                tat = self._req_tat
+                kept = _rescaled(tat, old, inv, base, burst)
+                self._req_tat = kept
+                if replay and tat > base:
+                    busy = self._req_busy if self._req_busy > base - burst else base - burst
+                    replayed = busy + (tat - busy) * k
+                    if replayed > kept:
+                        self._req_tat, self._req_busy, extra = replayed, busy, replayed - kept
+                stretch = k
+            self._req_inv = inv
+        if self._cfg_tok_inv:
+            adv = self._adv_tok_inv
+            inv = (adv if adv > self._cfg_tok_inv else self._cfg_tok_inv) / backoff
+            old = self._tok_inv
+            if inv > old:
+                k = inv / old
+                tat = self._tok_tat
+                kept = _rescaled(tat, old, inv, base, burst)
+                self._tok_tat = kept
+                if replay and tat > base:
+                    busy = self._tok_busy if self._tok_busy > base - burst else base - burst
+                    replayed = busy + (tat - busy) * k
+                    if replayed > kept:
+                        self._tok_tat, self._tok_busy = replayed, busy
+                        extra = max(extra, replayed - kept)
+                stretch = max(stretch, k)
+            self._tok_inv = inv
+        if stretch > 1.0:
+            self._epoch += 1
+            shift = self._shift
+            for sleeper in self._sleepers:
+                # the waiter's current time, moved as its place in the bucket now refills (behind any debt)
+                current = sleeper.at + (shift - sleeper.shift0)
+                if current > base:
+                    sleeper.at += (current - base) * (stretch - 1.0) + extra
+
+    def _back_off(self, epoch: int) -> None:
+        """A 429 for a call admitted in round ``epoch``: decrease the rate, once per round."""
+        with self._lock:
+            if epoch != self._epoch or not (self._cfg_req_inv or self._cfg_tok_inv):
+                return
+            now = self.clock.now()
+            backoff = self._backoff * RATE_BACKOFF
+            self._backoff = backoff if backoff > MIN_RATE_BACKOFF else MIN_RATE_BACKOFF
+            self._backoff_at = now
+            self._retune(now)
+            if self._epoch == epoch:
+                self._epoch += 1  # at the floor the rate did not change, but the round is over
+
+    def _recover(self) -> None:
+        with self._lock:
+            now = self.clock.now()
+            elapsed = now - self._backoff_at
+            if elapsed <= 0.0:
+                return
+            backoff = self._backoff + RATE_RECOVERY_PER_S * elapsed
+            self._backoff = backoff if backoff < 1.0 else 1.0
+            self._backoff_at = now
+            self._retune(now)
 
     # --- the guard -------------------------------------------------------------------------------------
 
@@ -472,15 +704,17 @@ class RateLimiter(GuardBase):
             left = ctx.remaining()
             if left < budget:
                 budget = left
+        epoch = self._epoch  # the round this call is admitted in (see _back_off)
         wait = self._reserve(requests, tokens, budget)
         if wait > 0.0:
-            await self._wait(wait, requests, tokens, budget)
+            waited = await self._wait(wait, requests, tokens, budget)
+            telemetry.limiter_waited(self.name, waited)
         # The context outlives one attempt: only headers this attempt brought count.
         seen = ctx.rate_headers
         try:
             result = await call()
         except Exception as exc:
-            self._after_failure(exc, ctx, seen, requests, tokens)
+            self._after_failure(exc, ctx, seen, requests, tokens, epoch)
             raise
         used = ctx.used_tokens
         if used is not None and self._tok_inv:
@@ -493,17 +727,25 @@ class RateLimiter(GuardBase):
             headers = ctx.rate_headers
             if headers is not None and headers is not seen:
                 self.observe(headers)
+            if self._backoff != 1.0:
+                self._recover()
         return result
 
     def _after_failure(
-        self, exc: Exception, ctx: CallContext, seen: RateLimitHeaders | None, requests: float, tokens: float
+        self,
+        exc: Exception,
+        ctx: CallContext,
+        seen: RateLimitHeaders | None,
+        requests: float,
+        tokens: float,
+        epoch: int,
     ) -> None:
         # The failed call keeps its charge: providers count failed requests.
-        if self._follow_headers:
-            headers = ctx.rate_headers
-            if headers is not None and headers is not seen:
-                self.observe(headers)
-        if not self._share_retry_after:
+        headers = ctx.rate_headers
+        fresh = headers is not None and headers is not seen
+        if self._follow_headers and headers is not None and fresh:
+            self.observe(headers)
+        if not (self._share_retry_after or (self._follow_headers and fresh)):
             return
         try:
             outcome = ctx.classify(exc)
@@ -511,14 +753,18 @@ class RateLimiter(GuardBase):
             return
         if not outcome.rate_limited:
             return
-        hint = outcome.retry_after
-        if hint is None or not hint >= 0.0:
-            # No usable hint: the time one request (and this call's tokens) takes to refill.
-            if self._req_inv or self._tok_inv:
-                hint = max(max(requests, 1.0) * self._req_inv, max(tokens, 1.0) * self._tok_inv)
-            else:
-                hint = DEFAULT_PAUSE
-        self._pause(min(hint, MAX_HINT_SECONDS))
+        if self._share_retry_after:
+            hint = outcome.retry_after
+            if hint is None or not hint >= 0.0:
+                # No usable hint: the time one request (and this call's tokens) takes to refill.
+                if self._req_inv or self._tok_inv:
+                    hint = max(max(requests, 1.0) * self._req_inv, max(tokens, 1.0) * self._tok_inv)
+                else:
+                    hint = DEFAULT_PAUSE
+            self._pause(min(hint, MAX_HINT_SECONDS))
+        if self._follow_headers and fresh:
+            # only a provider that publishes its limits (x-ratelimit-*) moves the rate: a bare 429 pauses
+            self._back_off(epoch)
 
     def __repr__(self) -> str:
         return (

@@ -21,11 +21,13 @@ T = TypeVar("T")
 #: retry sees its refusal and stops early; every attempt pays for its own permit; a concurrency slot is only
 #: held while really calling.
 STAGES: dict[str, int] = {
+    "fallback": 5,
     "cache": 10,
     "coalesce": 20,
     "batch": 30,
     "deadline": 40,
     "retry": 50,
+    "hedge": 55,
     "breaker": 60,
     "rate_limit": 70,
     "concurrency": 80,

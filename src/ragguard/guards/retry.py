@@ -22,11 +22,12 @@ import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from ..config import JitterKind, RetryPolicy
 from ..errors import ConfigError, RetryExhausted
-from .budget import RetryBudget, RetryBudgetExhausted
+from .budget import RetryBudget, RetryBudgetExhausted, SharedRetryBudget
 from .pipeline import GuardBase
 
 __all__ = ["Retry", "RetryEvent", "RetryOn", "backoff_delays"]
@@ -144,10 +145,12 @@ class Retry(GuardBase):
         rng: a :class:`random.Random` for reproducible jitter (default: the :mod:`random` module's).
         on_retry: called with a :class:`RetryEvent` before each wait; its exceptions are logged on the
             ``ragguard`` logger at warning level and do not affect the call.
-        budget: a :class:`~ragguard.guards.budget.RetryBudget` (usually shared by every call of a pipeline):
-            each call deposits one request, and each retry, once every other check allowed it, must be granted
-            by the budget; a refused retry fails fast (nothing is slept) with
-            :class:`~ragguard.guards.budget.RetryBudgetExhausted`.
+        budget: a :class:`~ragguard.guards.budget.RetryBudget` (usually shared by every call of a pipeline) or a
+            :class:`~ragguard.guards.budget.SharedRetryBudget` (shared by every process, through Redis): each
+            call deposits one request, and each retry, once every other check allowed it, must be granted by the
+            budget; a refused retry fails fast (nothing is slept) with
+            :class:`~ragguard.guards.budget.RetryBudgetExhausted`. A shared budget is awaited: one round trip
+            per retry, and deposits sent in batches (see :class:`~ragguard.guards.budget.SharedRetryBudget`).
 
     Raises:
         pydantic.ValidationError: a policy field is invalid (the error names it).
@@ -178,6 +181,7 @@ class Retry(GuardBase):
         "_policy",
         "_respect_retry_after",
         "_retry_after_jitter",
+        "_shared_budget",
         "_uniform",
         "clock",
     )
@@ -198,7 +202,7 @@ class Retry(GuardBase):
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
-        budget: RetryBudget | None = None,
+        budget: RetryBudget | SharedRetryBudget | None = None,
     ) -> None:
         policy = RetryPolicy(
             enabled=enabled,
@@ -213,8 +217,8 @@ class Retry(GuardBase):
         )
         if on_retry is not None and not callable(on_retry):
             raise ConfigError(f"on_retry: expected a callable, got {on_retry!r}")
-        if budget is not None and not isinstance(budget, RetryBudget):
-            raise ConfigError(f"budget: expected a RetryBudget, got {budget!r}")
+        if budget is not None and not isinstance(budget, (RetryBudget, SharedRetryBudget)):
+            raise ConfigError(f"budget: expected a RetryBudget or a SharedRetryBudget, got {budget!r}")
         self._policy = policy
         # Plain copies of the policy: read on every call, cheaper than pydantic attribute access.
         self._enabled = policy.enabled
@@ -226,7 +230,9 @@ class Retry(GuardBase):
         self._match = _matcher(on)
         self._uniform: Callable[[float, float], float] = rng.uniform if rng is not None else random.uniform
         self._on_retry = on_retry
-        self._budget = budget
+        # one slot per kind: the local path stays synchronous and never pays for the shared one's awaits
+        self._budget = budget if isinstance(budget, RetryBudget) else None
+        self._shared_budget = budget if isinstance(budget, SharedRetryBudget) else None
         self.clock = clock
 
     @classmethod
@@ -262,6 +268,10 @@ class Retry(GuardBase):
         budget = self._budget
         if budget is not None:
             budget.deposit()
+        else:
+            shared = self._shared_budget
+            if shared is not None:
+                return await self._run_shared(call, ctx, shared)
         # Happy path: no allocation, no checkpoint, no clock reading unless the retry has its own deadline.
         started = ctx.clock.now() if self._deadline is not None else 0.0
         attempt = 1
@@ -273,16 +283,43 @@ class Retry(GuardBase):
             except Exception as exc:  # BaseException (cancellation, KeyboardInterrupt…) is never retried
                 if delays is None:
                     delays = _delays(self._policy.base, self._policy.cap, self._policy.jitter, self._uniform)
-                wait = self._next_wait(exc, ctx, attempt, delays, started)
-                if wait is None:
+                event = self._next_wait(exc, ctx, attempt, delays, started)
+                if event is None:
                     raise
-            await ctx.clock.sleep(wait)
+                if budget is not None and not budget.try_acquire_retry():  # last check: only a real retry spends
+                    raise self._refused(exc, ctx, attempt) from exc
+                self._notify(event)
+            await ctx.clock.sleep(event.delay)
+            attempt += 1
+
+    async def _run_shared(self, call: Callable[[], Awaitable[T]], ctx: CallContext, budget: SharedRetryBudget) -> T:
+        """:meth:`run` with a budget shared through a store: the same steps, the budget's operations awaited."""
+        await budget.deposit()
+        started = ctx.clock.now() if self._deadline is not None else 0.0
+        attempt = 1
+        delays: Iterator[float] | None = None
+        while True:
+            ctx.attempt = attempt
+            try:
+                return await call()
+            except Exception as exc:  # BaseException (cancellation, KeyboardInterrupt…) is never retried
+                if delays is None:
+                    delays = _delays(self._policy.base, self._policy.cap, self._policy.jitter, self._uniform)
+                event = self._next_wait(exc, ctx, attempt, delays, started)
+                if event is None:
+                    raise
+            # outside the except block, so the store's round trip does not run with the attempt's error in flight
+            if not await budget.try_acquire_retry():  # last check: only a real retry spends
+                raise self._refused(event.error, ctx, attempt) from event.error
+            self._notify(event)
+            await ctx.clock.sleep(event.delay)
             attempt += 1
 
     def _next_wait(
         self, exc: Exception, ctx: CallContext, attempt: int, delays: Iterator[float], started: float
-    ) -> float | None:
-        """How long to wait before the next attempt; ``None`` to re-raise ``exc``; raises RetryExhausted."""
+    ) -> RetryEvent | None:
+        """The retry to make (how long to wait first: ``delay``), the budget aside; ``None`` to re-raise ``exc``;
+        raises RetryExhausted."""
         match = self._match
         if match is not None and not match(exc):
             return None
@@ -326,20 +363,25 @@ class Retry(GuardBase):
                     attempts=attempt,
                     last_error=exc,
                 ) from exc
-        budget = self._budget
-        if budget is not None and not budget.try_acquire_retry():  # last check: only a real retry spends it
-            raise RetryBudgetExhausted(
-                f"{ctx.operation!r}: retry budget exhausted; gave up after {attempt} attempts: {_describe(exc)}",
-                attempts=attempt,
-                last_error=exc,
-            ) from exc
+        return RetryEvent(attempt, wait, outcome.kind, exc, hint)
+
+    @staticmethod
+    def _refused(exc: Exception, ctx: CallContext, attempt: int) -> RetryBudgetExhausted:
+        return RetryBudgetExhausted(
+            f"{ctx.operation!r}: retry budget exhausted; gave up after {attempt} attempts: {_describe(exc)}",
+            attempts=attempt,
+            last_error=exc,
+        )
+
+    def _notify(self, event: RetryEvent) -> None:
+        """Tell the ``on_retry`` hook and telemetry that a retry was granted and is about to wait."""
         hook = self._on_retry
         if hook is not None:
             try:
-                hook(RetryEvent(attempt, wait, outcome.kind, exc, hint))
+                hook(event)
             except Exception:  # an observability hook must not break the call, nor fail unseen
                 _log.warning("ragguard: Retry on_retry hook raised; ignoring it", exc_info=True)
-        return wait
+        telemetry.retry_scheduled(event.attempt, event.delay, event.kind, event.retry_after, event.error)
 
 
 def _describe(exc: BaseException) -> str:

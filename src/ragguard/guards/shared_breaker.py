@@ -39,6 +39,7 @@ from typing import ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._outcome import Outcome
@@ -188,6 +189,9 @@ class SharedCircuitBreaker(GuardBase):
         failure_threshold, failure_rate, window, min_calls, open_duration, half_open_probes, half_open_max_wait,
             count_rate_limits, enabled, is_failure: as for :class:`~ragguard.CircuitBreaker` (seconds, calls, a
             share in ``(0, 1]``); ``open_duration`` and ``half_open_max_wait`` run on the store's clock.
+        slow_call_s, slow_call_s_per_token, slow_first_token_s, slow_call_rate: validated and kept in ``policy``
+            (so ``from_policy`` takes any :class:`~ragguard.BreakerPolicy`), but not applied yet: the shared
+            window counts failures only, never slowness.
         clock: this instance's clock: ``retry_at`` values are given on it, the local fallback runs on it, and
             ``reconnect_interval`` is measured on it.
         on_state_change: ``(name, old, new)`` for each transition this instance sees (also those of the local
@@ -236,6 +240,10 @@ class SharedCircuitBreaker(GuardBase):
         half_open_probes: int = 1,
         half_open_max_wait: float = 60.0,
         count_rate_limits: bool = False,
+        slow_call_s: float | None = None,
+        slow_call_s_per_token: float | None = None,
+        slow_first_token_s: float | None = None,
+        slow_call_rate: float = 1.0,
         enabled: bool = True,
         is_failure: Callable[[BaseException, Outcome], bool] | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -254,6 +262,10 @@ class SharedCircuitBreaker(GuardBase):
             half_open_probes=half_open_probes,
             half_open_max_wait=half_open_max_wait,
             count_rate_limits=count_rate_limits,
+            slow_call_s=slow_call_s,
+            slow_call_s_per_token=slow_call_s_per_token,
+            slow_first_token_s=slow_first_token_s,
+            slow_call_rate=slow_call_rate,
             enabled=enabled,
             is_failure=is_failure,
             clock=clock,
@@ -403,6 +415,7 @@ class SharedCircuitBreaker(GuardBase):
         if new is old:
             return
         self._seen = new
+        telemetry.breaker_changed(self.name, old.value, new.value)
         hook = self._on_state_change
         if hook is not None:
             try:

@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, run
 
 import anyio
 
+from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import MAX_HINT_SECONDS, RateLimitHeaders
@@ -344,7 +345,7 @@ class SharedRateLimiter(GuardBase):
         self.clock = clock
         self.on_unavailable: OnUnavailable = on_unavailable
         self.expected_instances = expected_instances
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not a secret
         self._burst = float(policy.burst_seconds)
         self._req_inv = 60.0 / policy.rpm if policy.rpm is not None else 0.0
         self._tok_inv = 60.0 / policy.tpm if policy.tpm is not None else 0.0
@@ -540,7 +541,7 @@ class SharedRateLimiter(GuardBase):
                 await self._store.refund(self.name, req_cost, tok_cost, self._burst)
             except BackendUnavailable as exc:
                 self._note_failure(exc)
-            except Exception:  # nothing may replace the cancellation or refusal being raised
+            except Exception:  # noqa: S110 - nothing may replace the cancellation or refusal being raised
                 pass
             else:
                 self.round_trips += 1
@@ -849,7 +850,11 @@ class SharedRateLimiter(GuardBase):
             left = ctx.remaining()
             if left < budget:
                 budget = left
+        started = self.clock.now()
         route = await self._admit(requests, tokens, budget)
+        waited = self.clock.now() - started
+        if waited > 0.001:  # a round trip to the store is not a wait
+            telemetry.limiter_waited(self.name, waited)
         # The context outlives one attempt: only headers this attempt brought count.
         seen = ctx.rate_headers
         try:

@@ -223,7 +223,8 @@ class _EmbeddingCore:
         return vectors
 
     def _key(self, kind: str, text: str) -> str:
-        assert self.cache is not None
+        if self.cache is None:  # only called when caching is on
+            raise RuntimeError("embedding cache keys asked for without a cache")
         digest = hashlib.sha256(text.encode()).hexdigest()
         caching = self.cache.policy
         parts = ("llama_index.embedding", *self.identity, kind, digest)

@@ -20,8 +20,8 @@ from ..backends.base import Backend
 from ..backends.memory import default_backend
 from ..config import Policy
 from ..errors import ConfigError
-from ..guards.budget import RetryBudget
 from ..guards.bulkhead import ConcurrencyLimit
+from ..guards.hedge import Hedge
 from ..guards.pipeline import Guard, Pipeline
 from ..guards.retry import Retry
 from ..guards.timeout import Deadline, Timeout
@@ -41,10 +41,12 @@ def build_pipeline(
     classify: Classifier = classify_exception,
     label: str = "",
     outer: Sequence[Guard] = (),
+    hedge: bool = False,
 ) -> Pipeline:
     """The standard pipeline of ``policy``: deadline → retry (with its retry budget) → circuit breaker → rate
     limit → concurrency limit → attempt timeout, each section skipped when disabled. The retry budget is one per
-    ``breaker`` name (so per endpoint and model for a provider), in this process.
+    ``breaker`` name (so per endpoint and model for a provider): in this process, or shared by every process
+    through a shared backend (:class:`~ragguard.SharedRetryBudget` on :class:`~ragguard.RedisBackend`).
 
     Args:
         policy: the sections to build from.
@@ -56,26 +58,32 @@ def build_pipeline(
         classify: turns an attempt's exception into an :class:`~ragguard.Outcome`.
         label: the breaker's name in errors (default: ``breaker``).
         outer: guards placed before the standard ones (e.g. a cache and a coalescer).
+        hedge: the call is an idempotent read that may be hedged: when ``policy.hedge.enabled`` too, a
+            :class:`~ragguard.guards.hedge.Hedge` (one per ``breaker`` name and settings, in this process) sits
+            between the retry and the breaker and spends the retry's budget (built from ``policy.retry_budget``'s
+            settings even when that section or the retry is disabled: hedges are always bounded).
     """
     guards: list[Guard] = list(outer)
     if policy.timeout.total is not None:
         guards.append(Deadline(policy.timeout.total, clock=clock))
     if policy.breaker.enabled:
         guards.append(_stateful.circuit_breaker(backend, breaker, policy.breaker, clock=clock, label=label or breaker))
+    hedging = hedge and policy.hedge.enabled
+    section = policy.retry_budget
+    retry_budgeted = policy.retry.enabled and section.enabled
+    budget = _stateful.retry_budget(backend, breaker, section, clock=clock) if retry_budgeted or hedging else None
     if policy.retry.enabled:
-        section = policy.retry_budget
-        budget = (
+        guards.append(Retry.from_policy(policy.retry, clock=clock, budget=budget if retry_budgeted else None))
+    if hedging:
+        hedge_section = policy.hedge
+        # the Retry deposits each call into the shared budget; without it the hedge must, or nothing would
+        guards.append(
             backend.get_or_create(
-                "retry_budget",
-                f"{breaker}:{section.model_dump_json()}",
-                lambda: RetryBudget(
-                    section.ratio, section.min_retries_per_s, section.window_s, buckets=section.buckets, clock=clock
-                ),
+                "hedge",
+                f"{breaker}:{hedge_section.model_dump_json()}:{section.model_dump_json()}:{retry_budgeted}",
+                lambda: Hedge.from_policy(hedge_section, budget=budget, deposit=not retry_budgeted, clock=clock),
             )
-            if section.enabled
-            else None
         )
-        guards.append(Retry.from_policy(policy.retry, clock=clock, budget=budget))
     limits = policy.rate_limit
     if limits.rpm is not None or limits.tpm is not None or limits.share_retry_after:
         guards.append(_stateful.rate_limiter(backend, bucket, limits, clock=clock))

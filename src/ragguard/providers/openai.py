@@ -26,26 +26,28 @@ from __future__ import annotations
 import array
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import openai
+from opentelemetry import context as otel_context
 
-from .. import _stateful
+from .. import _stateful, telemetry
 from .._call_options import CallOptions, current_call_options
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import parse_rate_limit_headers
 from .._outcome import Outcome, classify_exception, classify_status, headers_of
-from .._sync import run_in_worker, run_sync
+from .._sync import run_in_worker
 from .._tokens import TokenEstimator, estimate_chat_tokens, estimate_text_tokens, heuristic_estimator
 from ..backends.base import Backend
 from ..backends.memory import default_backend
 from ..config import Policy
-from ..errors import RagGuardError, StreamInterrupted
+from ..degrade import DEGRADED_FINGERPRINT, DEGRADED_ID_PREFIX, Degradation, Trigger, degradable, note, run_sync_noting
+from ..errors import Degraded, RagGuardError, StreamInterrupted
 from ..guards.batch import MicroBatcher
 from ..guards.cache import AsyncCacheStore, Cache, CacheStore, cache_key
-from ..guards.coalesce import Coalescer
+from ..guards.coalesce import FOLLOWER_EXTRA, Coalescer
 from ..guards.pipeline import Guard, Pipeline
 from ..guards.semantic import InMemoryVectorIndex, VectorIndex
 from ._proxy import AttributeProxy
@@ -53,10 +55,15 @@ from .generic import build_pipeline
 
 __all__ = ["GuardedOpenAIClient", "OpenAIGuard", "classify_openai", "guard_openai", "is_openai_client"]
 
-#: the endpoints that go through the pipeline, as attribute paths from the client
 #: the embeddings arguments the micro-batcher understands (anything else goes unbatched)
 _BATCHABLE = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
 
+T = TypeVar("T")
+
+#: each guarded endpoint's operation name in telemetry
+_OPERATIONS = {"embeddings": "embeddings", "chat.completions": "chat", "responses": "responses"}
+
+#: the endpoints that go through the pipeline, as attribute paths from the client
 _GUARDED = {
     "embeddings": ("embeddings",),
     "chat.completions": ("chat", "completions"),
@@ -246,7 +253,17 @@ def _parsed(ctx: CallContext, cost: _Cost, raw: Any, stream: bool) -> Any:
     ctx.rate_headers = parse_rate_limit_headers(raw.headers)
     result = raw.parse()
     if not stream:
-        ctx.used_tokens = cost.charged(getattr(result, "usage", None))
+        used = getattr(result, "usage", None)
+        ctx.used_tokens = cost.charged(used)
+        if used is not None:
+            inputs = getattr(used, "prompt_tokens", None)
+            outputs = getattr(used, "completion_tokens", None)
+            if inputs is None:  # the Responses API's names
+                inputs, outputs = getattr(used, "input_tokens", None), getattr(used, "output_tokens", None)
+            ctx.output_tokens = float(outputs) if isinstance(outputs, int) else None  # breakers: slowness per token
+            telemetry.note_usage(
+                inputs if isinstance(inputs, int) else None, outputs if isinstance(outputs, int) else None
+            )
     return result
 
 
@@ -342,6 +359,60 @@ def _dump(response: Any) -> Any:
     return response.model_dump(mode="json")
 
 
+#: ``ctx.extras`` key of what the degraded path needs: ``(endpoint, kwargs, options)``
+_DEGRADE_EXTRA = "ragguard.degrade"
+
+
+def _degraded_answer(endpoint: str, kwargs: dict[str, Any], context: str) -> Any:
+    """The answer ``skip_generation`` gives instead of calling the model: the SDK's own type, ``context`` as its
+    text, no usage, marked by an id starting ``ragguard-degraded-`` and (chat) ``system_fingerprint``
+    ``ragguard-degraded``."""
+    import time
+    import uuid
+
+    model = kwargs.get("model")
+    model = model if isinstance(model, str) else ""
+    ident = DEGRADED_ID_PREFIX + uuid.uuid4().hex
+    if endpoint == "chat.completions":
+        n = kwargs.get("n")
+        message = {"role": "assistant", "content": context}
+        return openai.types.chat.ChatCompletion.model_validate(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": DEGRADED_FINGERPRINT,
+                "choices": [
+                    {"index": i, "finish_reason": "stop", "logprobs": None, "message": message}
+                    for i in range(n if isinstance(n, int) and n > 0 else 1)
+                ],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            }
+        )
+    return openai.types.responses.Response.model_validate(
+        {
+            "id": ident,
+            "object": "response",
+            "created_at": time.time(),
+            "model": model,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": ident,
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": context, "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+    )
+
+
 class OpenAIGuard:
     """The shared core of one guarded OpenAI client: pipelines per (endpoint, model), cost rules, attempts,
     and the call-saving layers (caches, single-flight, micro-batching).
@@ -372,6 +443,8 @@ class OpenAIGuard:
         #: the credential's fingerprint (sha256 of endpoint, organisation and key; never the key in clear)
         self.scope = _credential_scope(client)
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        #: ``Policy.degrade`` when a mode is on, else ``None`` (see :mod:`ragguard.degrade`)
+        self.degrade = policy.degrade if policy.degrade.enabled else None
         caching = policy.cache
         self.store: CacheStore | AsyncCacheStore | None = None
         self.embedding_cache: Cache | None = None
@@ -432,7 +505,9 @@ class OpenAIGuard:
         """The pipeline for one endpoint and model (built once, shared by every call)."""
         pipeline = self._pipelines.get((endpoint, model))
         if pipeline is None:
-            pipeline = self._pipelines.setdefault((endpoint, model), self._build(endpoint, model))
+            pipeline = self._pipelines.setdefault(
+                (endpoint, model), self._degradable(endpoint, self._build(endpoint, model))
+            )
         return pipeline
 
     def _build(self, endpoint: str, model: str) -> Pipeline:
@@ -453,7 +528,57 @@ class OpenAIGuard:
             clock=self.clock,
             classify=classify_openai,
             outer=outer,
+            hedge=endpoint == "embeddings",  # an idempotent read; chat answers are not (Policy.hedge, opt-in)
         )
+
+    # degradation (Policy.degrade) --------------------------------------------------------------------------
+
+    def _degradable(self, endpoint: str, pipeline: Pipeline) -> Pipeline:
+        """``pipeline`` headed by a :class:`~ragguard.degrade.Degrader` when a degradation mode applies to the
+        endpoint (``cache_only`` to all three, ``skip_generation`` to chat completions and responses)."""
+        policy = self.degrade
+        if policy is None or not (policy.cache_only or (policy.skip_generation and endpoint != "embeddings")):
+            return pipeline
+        return degradable(pipeline, policy, self._on_degraded)
+
+    async def _on_degraded(self, call: Callable[[], Awaitable[Any]], ctx: CallContext, trigger: Trigger) -> Any:
+        """Answer a degraded call without the provider: its exact cached answer, else (``skip_generation``) the
+        app's context as a well-formed answer, else :class:`~ragguard.Degraded`."""
+        extras = ctx.extras or {}
+        stash = extras.get(_DEGRADE_EXTRA)
+        if stash is None:  # a call made on the pipeline directly, not through the client: not degradable
+            if trigger.cause is not None:
+                raise trigger.cause
+            return await call()
+        endpoint, kwargs, options = stash
+        policy = self.degrade
+        if policy is None:  # a Degrader is only built with a policy
+            raise RuntimeError("degraded call without a degradation policy")
+        generation = policy.skip_generation and endpoint != "embeddings"
+        stream = kwargs.get("stream") is True
+        if not stream:
+            cache, key = self.response_caches.get(endpoint), extras.get("cache_key")
+            if cache is not None and key is not None:
+                found = await cache.get(key, _MISSING)
+                if found is not _MISSING:
+                    extras["cache_hit"] = True
+                    note(Degradation(trigger.reason, ("cache_only",), trigger.detail))
+                    return found
+            if generation and options.context is not None:
+                note(Degradation(trigger.reason, ("skip_generation",), trigger.detail))
+                return _degraded_answer(endpoint, kwargs, options.context)
+        note(Degradation(trigger.reason, (), trigger.detail))
+        if stream:
+            why = "a streamed call cannot be answered degraded"
+        elif generation:
+            why = "no cached answer, and no context supplied with ragguard.call_options(context=...)"
+        else:
+            why = "no cached answer"
+        raise Degraded(
+            f"{endpoint} degraded ({trigger.detail}): {why}; the provider was not called",
+            mode="skip_generation" if generation else "cache_only",
+            reason=trigger.reason,
+        ) from trigger.cause
 
     # keys ----------------------------------------------------------------------------------------------------
 
@@ -513,37 +638,46 @@ class OpenAIGuard:
         stream's first chunk (so a stream that fails before it is retried). Sync clients run in a worker."""
         create = self._raw_create(endpoint)
         stream = kwargs.get("stream") is True
+        clock = self.clock  # times the attempt itself (ctx.attempt_s, ctx.first_token_s) for breakers
         if self.is_async:
 
             async def attempt() -> Any:
-                ctx.used_tokens = None
-                try:
-                    raw = await create(**kwargs)
-                except Exception as exc:
-                    _note_error(ctx, exc)
-                    raise
-                result = _parsed(ctx, cost, raw, stream)
-                if not stream:
-                    return result
-                try:
-                    first = await result._iterator.__anext__()
-                except StopAsyncIteration:
-                    first = _EMPTY
-                except BaseException:
-                    await result.close()
-                    raise
-                return _adopt(type(result), result, _async_rest(result, first))
+                ctx.used_tokens = ctx.output_tokens = ctx.first_token_s = ctx.attempt_s = None
+                started = clock.now()
+                with telemetry.attempt(ctx.tokens):
+                    try:
+                        raw = await create(**kwargs)
+                    except Exception as exc:
+                        ctx.attempt_s = clock.now() - started
+                        _note_error(ctx, exc)
+                        raise
+                    result = _parsed(ctx, cost, raw, stream)
+                    ctx.attempt_s = clock.now() - started
+                    if not stream:
+                        return result
+                    try:
+                        first = await result._iterator.__anext__()
+                    except StopAsyncIteration:
+                        first = _EMPTY
+                    except BaseException:
+                        await result.close()
+                        raise
+                    ctx.first_token_s = ctx.attempt_s = clock.now() - started
+                    return _adopt(type(result), result, _async_rest(result, first))
 
             return attempt
 
         def blocking_attempt() -> Any:
-            ctx.used_tokens = None
+            ctx.used_tokens = ctx.output_tokens = ctx.first_token_s = ctx.attempt_s = None
+            started = clock.now()
             try:
                 raw = create(**kwargs)
             except Exception as exc:
+                ctx.attempt_s = clock.now() - started
                 _note_error(ctx, exc)
                 raise
             result = _parsed(ctx, cost, raw, stream)
+            ctx.attempt_s = clock.now() - started
             if not stream:
                 return result
             try:
@@ -553,25 +687,37 @@ class OpenAIGuard:
             except BaseException:
                 result.close()
                 raise
+            ctx.first_token_s = ctx.attempt_s = clock.now() - started
             return _adopt(type(result), result, _sync_rest(result, first))
 
-        return lambda: run_in_worker(blocking_attempt)
+        async def threaded_attempt() -> Any:
+            with telemetry.attempt(ctx.tokens):
+                return await run_in_worker(blocking_attempt)
+
+        return threaded_attempt
 
     async def acreate(self, endpoint: str, kwargs: dict[str, Any], options: CallOptions | None = None) -> Any:
         """``<endpoint>.create(**kwargs)`` through the pipeline: cache → single-flight → deadline → retry →
         breaker → rate limit → concurrency → attempt timeout → the SDK (the async core of both client kinds)."""
         if options is None:
             options = current_call_options()
+        note(None)  # last_degradation() reports this call: set again if it is degraded
         model = kwargs.get("model")
         pipeline = self.pipeline(endpoint, model if isinstance(model, str) else "")
         cost = _estimate(endpoint, kwargs, self.estimator)
         ctx = pipeline.context(tokens=float(cost.reserved), operation=endpoint)
         extras = ctx.extras = self._keys(endpoint, kwargs, options)
+        if self.degrade is not None:  # what the degraded path needs to answer this call
+            extras = ctx.extras = {**(extras or {}), _DEGRADE_EXTRA: (endpoint, kwargs, options)}
         attempt = self._attempt(endpoint, kwargs, ctx, cost)
         index = self.semantic_index
         if index is not None and endpoint == "chat.completions" and extras and "cache_key" in extras:
-            return await self._semantic(index, pipeline, ctx, extras, attempt, kwargs, options)
-        return await pipeline.run(attempt, ctx)
+            result = await self._semantic(index, pipeline, ctx, extras, attempt, kwargs, options)
+        else:
+            result = await pipeline.run(attempt, ctx)
+        if extras:
+            telemetry.note_result(cache_hit=bool(extras.get("cache_hit")), coalesced=bool(extras.get(FOLLOWER_EXTRA)))
+        return result
 
     async def _semantic(
         self,
@@ -595,7 +741,8 @@ class OpenAIGuard:
         partition = self._request_key("chat.completions.semantic", rest, self._key_scope(options))
         if partition is None:
             return await pipeline.run(attempt, ctx)
-        embedded = await self.aembed({"model": semantic.embedding_model, "input": text}, options)
+        lookup = {"model": semantic.embedding_model, "input": text}
+        embedded = await self.observed("embeddings", lookup, lambda: self.aembed(lookup, options))
         vector = embedded.data[0].embedding
         near = await index.nearest(partition, vector, semantic.max_distance)
         if near is not None:
@@ -612,10 +759,32 @@ class OpenAIGuard:
 
     def create(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
         """``<endpoint>.create(**kwargs)`` for sync clients: the same async core, through the sync bridge."""
-        options = current_call_options()  # read here: the bridge's loop does not run in the caller's context
+        # read here: the bridge's loop does not run in the caller's context
+        options, parent = current_call_options(), telemetry.current_otel_context()
         if endpoint == "embeddings":
-            return run_sync(lambda: self.aembed(kwargs, options))
-        return run_sync(lambda: self.acreate(endpoint, kwargs, options))
+            call: Callable[[], Awaitable[Any]] = lambda: self.aembed(kwargs, options)  # noqa: E731
+        else:
+            call = lambda: self.acreate(endpoint, kwargs, options)  # noqa: E731
+        return run_sync_noting(lambda: self.observed(endpoint, kwargs, call, parent))
+
+    def observed(
+        self,
+        endpoint: str,
+        kwargs: dict[str, Any],
+        fn: Callable[[], Awaitable[T]],
+        parent: otel_context.Context | None = None,
+    ) -> Awaitable[T]:
+        """``fn()`` as one observed call of ``endpoint``: a span, metrics, usage accounting, events."""
+        model = kwargs.get("model")
+        return telemetry.observe_call(
+            "openai",
+            _OPERATIONS[endpoint],
+            model if isinstance(model, str) else "",
+            self.scope,
+            fn,
+            parent=parent,
+            genai_operation="chat" if endpoint == "responses" else None,
+        )
 
     async def _dispatch_embeddings(self, key: Any, texts: list[str]) -> list[tuple[Any, float]]:
         """One upstream embeddings request for a batch; each text's vector and its share of ``usage``."""
@@ -624,7 +793,13 @@ class OpenAIGuard:
         for name, value in (("dimensions", dimensions), ("encoding_format", encoding_format), ("user", user)):
             if value is not None:
                 kwargs[name] = value
-        response = await self.acreate("embeddings", kwargs)
+
+        async def send() -> Any:
+            telemetry.note_result(batch_size=len(texts))
+            return await self.acreate("embeddings", kwargs)
+
+        # the batch is its own call (its own span), not one of the callers'
+        response = await self.observed("embeddings", kwargs, send)
         vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
         if len(vectors) != len(texts):
             raise RagGuardError(f"the provider returned {len(vectors)} embeddings for {len(texts)} inputs")
@@ -644,6 +819,7 @@ class OpenAIGuard:
         """
         if options is None:
             options = current_call_options()
+        note(None)  # last_degradation() reports this call: set again if it is degraded
         inputs = kwargs.get("input")
         model = kwargs.get("model")
         texts = _texts(inputs)
@@ -660,15 +836,22 @@ class OpenAIGuard:
         keys: dict[str, str] = {}  # text -> its cache key
         if cache is not None:
             scope = self._key_scope(options)
+            try:
+                for text in texts:
+                    if text not in keys:
+                        digest = hashlib.sha256(text.encode()).hexdigest()
+                        parts = ("openai.embeddings", model, dimensions, encoding_format, digest)
+                        keys[text] = cache_key(cache.policy.namespace, scope, self.scope, *parts)
+            except (TypeError, ValueError):  # a scope (or text) that cannot be keyed: this call goes uncached
+                cache = None
+                keys.clear()
+        if cache is not None:
             for i, text in enumerate(texts):
-                key = keys.get(text)
-                if key is None:
-                    digest = hashlib.sha256(text.encode()).hexdigest()
-                    parts = ("openai.embeddings", model, dimensions, encoding_format, digest)
-                    key = keys[text] = cache_key(cache.policy.namespace, scope, self.scope, *parts)
-                vectors[i] = await cache.get(key, _MISSING)
+                vectors[i] = await cache.get(keys[text], _MISSING)
         missing = [i for i, vector in enumerate(vectors) if vector is _MISSING]
         tokens = 0
+        if not missing:
+            telemetry.note_result(cache_hit=True)
         if missing:
             todo = list(dict.fromkeys(texts[i] for i in missing))  # each distinct text once
             if self.batcher is not None:
@@ -721,13 +904,13 @@ def _async_method(core: OpenAIGuard, endpoint: str) -> Callable[..., Any]:
     if endpoint == "embeddings":
 
         async def embed(**kwargs: Any) -> Any:
-            return await core.aembed(kwargs)
+            return await core.observed(endpoint, kwargs, lambda: core.aembed(kwargs))
 
         embed.__doc__ = "Guarded, cached, micro-batched ``embeddings.create``: same arguments and return type."
         return embed
 
     async def create(**kwargs: Any) -> Any:
-        return await core.acreate(endpoint, kwargs)
+        return await core.observed(endpoint, kwargs, lambda: core.acreate(endpoint, kwargs))
 
     create.__doc__ = f"Guarded ``{endpoint}.create``: same arguments and return type as the SDK's."
     return create

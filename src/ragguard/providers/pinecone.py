@@ -78,24 +78,29 @@ import threading
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+from opentelemetry import context as otel_context
 
-from .. import _stateful
+from .. import _stateful, telemetry
 from .._call_options import CallOptions, current_call_options
 from .._clock import SYSTEM_CLOCK, Clock
+from .._context import CallContext
 from .._outcome import Outcome, classify_exception, classify_status
-from .._sync import run_in_worker, run_sync
+from .._sync import run_in_worker
 from ..backends.base import Backend
 from ..backends.memory import default_backend
 from ..config import Policy
-from ..errors import ConfigError, DeadlineExceeded, RagGuardError
+from ..degrade import Degradation, Trigger, degradable, note, run_sync_noting
+from ..errors import ConfigError, DeadlineExceeded, Degraded, RagGuardError
 from ..guards.cache import AsyncCacheStore, Cache, CacheStore, _escape, fingerprint, retrieval_cache_key
 from ..guards.coalesce import Coalescer
 from ..guards.pipeline import Guard, Pipeline
 from ._proxy import AttributeProxy
 from .generic import build_pipeline
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from pinecone import AsyncIndex, Index
@@ -401,6 +406,11 @@ def _decode_query(value: Any) -> Any:
     return msgspec.convert(value, QueryResponse)
 
 
+#: ``ctx.extras`` key of what a degraded query needs: ``(kwargs, options)``
+_DEGRADE_EXTRA = "ragguard.degrade"
+_NOT_CACHED: Any = object()
+
+
 def _key_value(value: Any) -> Any:
     """An argument as it enters a cache key: the SDK's ``SparseValues`` as its dict."""
     if hasattr(value, "indices") and hasattr(value, "values") and not isinstance(value, Mapping):
@@ -479,6 +489,8 @@ class PineconeGuard:
         self.index_tag = hashlib.sha256(self.host.encode()).hexdigest()[:16]
         self.splits = 0
         self._pipelines: dict[str, Pipeline] = {}
+        #: ``Policy.degrade`` when a mode is on, else ``None`` (see :mod:`ragguard.degrade`)
+        self.degrade = policy.degrade if policy.degrade.enabled else None
         caching = policy.cache
         self.store: CacheStore | AsyncCacheStore | None = None
         self.query_cache: Cache | None = None
@@ -509,7 +521,7 @@ class PineconeGuard:
         """The pipeline of one operation (built once, shared by every call)."""
         pipeline = self._pipelines.get(operation)
         if pipeline is None:
-            pipeline = self._pipelines.setdefault(operation, self._build(operation))
+            pipeline = self._pipelines.setdefault(operation, self._degradable(operation, self._build(operation)))
         return pipeline
 
     def _build(self, operation: str) -> Pipeline:
@@ -531,6 +543,7 @@ class PineconeGuard:
             clock=self.clock,
             classify=classify_pinecone,
             outer=outer,
+            hedge=operation in ("query", "fetch"),  # idempotent reads only (Policy.hedge, opt-in)
         )
 
     def _attempt(self, method: str, kwargs: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
@@ -540,13 +553,20 @@ class PineconeGuard:
         if self.is_async:
 
             async def attempt() -> Any:
-                return await function(raw, **kwargs)
+                with telemetry.attempt():
+                    return await function(raw, **kwargs)
 
             return attempt
-        return lambda: run_in_worker(function, raw, **kwargs)
+
+        async def threaded_attempt() -> Any:
+            with telemetry.attempt():
+                return await run_in_worker(function, raw, **kwargs)
+
+        return threaded_attempt
 
     async def acall(self, method: str, kwargs: dict[str, Any], options: CallOptions | None = None) -> Any:
         """``index.<method>(**kwargs)`` through its pipeline; a write then invalidates its namespace."""
+        note(None)  # last_degradation() reports this call: set again if it is degraded
         if method == "upsert":
             return await self.aupsert(kwargs)
         if method == "query":
@@ -564,8 +584,15 @@ class PineconeGuard:
 
     def call(self, method: str, kwargs: dict[str, Any]) -> Any:
         """The sync clients' entry: the same async core, through the sync bridge."""
-        options = current_call_options()  # read here: the bridge's loop does not run in the caller's context
-        return run_sync(lambda: self.acall(method, kwargs, options))
+        # read here: the bridge's loop does not run in the caller's context
+        options, parent = current_call_options(), telemetry.current_otel_context()
+        return run_sync_noting(lambda: self.observed(method, lambda: self.acall(method, kwargs, options), parent))
+
+    def observed(
+        self, method: str, fn: Callable[[], Awaitable[T]], parent: otel_context.Context | None = None
+    ) -> Awaitable[T]:
+        """``fn()`` as one observed call of ``method``: a span (``db.system.name`` pinecone), metrics, events."""
+        return telemetry.observe_call("pinecone", method, "", self.scope, fn, parent=parent)
 
     # the retrieval cache ----------------------------------------------------------------------------------------
 
@@ -622,7 +649,83 @@ class PineconeGuard:
             key = self.query_key(kwargs, options)
             if key is not None:
                 ctx.extras = {"cache_key": key, "coalesce_key": key}
+        if self.degrade is not None:  # the degraded path may lower this call's top_k: its own copy
+            kwargs = dict(kwargs)
+            ctx.extras = {**(ctx.extras or {}), _DEGRADE_EXTRA: (kwargs, options)}
         return await pipeline.run(self._attempt("query", kwargs), ctx)
+
+    # degradation (Policy.degrade) ------------------------------------------------------------------------------
+
+    def _degradable(self, operation: str, pipeline: Pipeline) -> Pipeline:
+        """``pipeline`` headed by a :class:`~ragguard.degrade.Degrader` for ``query`` when ``top_k`` or
+        ``cache_only`` is set (other operations are never degraded)."""
+        policy = self.degrade
+        if policy is None or operation != "query" or not (policy.cache_only or policy.top_k is not None):
+            return pipeline
+        return degradable(pipeline, policy, self._on_degraded)
+
+    async def _on_degraded(self, call: Callable[[], Awaitable[Any]], ctx: CallContext, trigger: Trigger) -> Any:
+        """Answer a degraded query: from the retrieval cache only (``cache_only``; a cached answer of the full
+        ``top_k`` is cut to the reduced one), else through the pipeline with the reduced ``top_k``."""
+        extras = ctx.extras or {}
+        stash = extras.get(_DEGRADE_EXTRA)
+        if stash is None:  # a call made on the pipeline directly, not through the index: not degradable
+            if trigger.cause is not None:
+                raise trigger.cause
+            return await call()
+        request, options = stash
+        policy = self.degrade
+        if policy is None:  # a Degrader is only built with a policy
+            raise RuntimeError("degraded query without a degradation policy")
+        asked = request.get("top_k")
+        top_k = policy.top_k if policy.top_k is not None and isinstance(asked, int) and asked > policy.top_k else None
+        modes = ("top_k",) if top_k is not None else ()
+        if policy.cache_only:
+            found = await self._cached_query(request, options, top_k)
+            if found is _NOT_CACHED:
+                note(Degradation(trigger.reason, (), trigger.detail))
+                raise Degraded(
+                    f"query degraded ({trigger.detail}): no cached result; the index was not called",
+                    mode="cache_only",
+                    reason=trigger.reason,
+                ) from trigger.cause
+            extras["cache_hit"] = True
+            note(Degradation(trigger.reason, (*modes, "cache_only"), trigger.detail))
+            return found
+        if top_k is None or trigger.reason == "breaker_open":
+            # nothing to make smaller, or the breaker is open: a smaller query would be refused as well
+            note(None)
+            if trigger.cause is not None:
+                raise trigger.cause
+            return await call()
+        request["top_k"] = top_k  # the attempt reads this dict when it runs
+        if "cache_key" in extras:
+            key = self.query_key(request, options)
+            if key is None:
+                del extras["cache_key"], extras["coalesce_key"]
+            else:
+                extras["cache_key"] = extras["coalesce_key"] = key
+        note(Degradation(trigger.reason, modes, trigger.detail))
+        return await call()
+
+    async def _cached_query(self, request: dict[str, Any], options: CallOptions, top_k: int | None) -> Any:
+        """A cached result of the query with ``top_k`` (when given), else as asked, cut to ``top_k`` matches;
+        ``_NOT_CACHED`` when neither is cached."""
+        cache = self.query_cache
+        if cache is None or not options.cache:
+            return _NOT_CACHED
+        for size in (top_k, None) if top_k is not None else (None,):
+            key = self.query_key(request if size is None else {**request, "top_k": size}, options)
+            if key is None:
+                continue
+            found = await cache.get(key, _NOT_CACHED)
+            if found is not _NOT_CACHED:
+                if top_k is not None and len(found.matches) > top_k:
+                    import msgspec
+
+                    found = msgspec.structs.replace(found, matches=found.matches[:top_k])
+                return found
+        return _NOT_CACHED
 
     async def invalidate(self, namespace: str | None = None) -> int:
         """Forget cached query results of one namespace of this index (``None``: of every namespace), for every
@@ -845,7 +948,7 @@ def _method(core: PineconeGuard, method: str) -> Callable[..., Any]:
     if core.is_async:
 
         async def guarded_async(**kwargs: Any) -> Any:
-            return await core.acall(method, kwargs)
+            return await core.observed(method, lambda: core.acall(method, kwargs))
 
         function: Callable[..., Any] = guarded_async
     else:

@@ -201,14 +201,16 @@ class _ProcessRunner:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float) -> tuple[str, int]:
-        proc = subprocess.Popen(
+        # argv built here: this interpreter, -m module, host/port and config; no shell
+        proc = subprocess.Popen(  # noqa: S603
             self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(), close_fds=True
         )
         self._proc = proc
         lines: queue.Queue[bytes] = queue.Queue()
 
         def read_first_line() -> None:
-            assert proc.stdout is not None
+            if proc.stdout is None:  # Popen(stdout=PIPE) always sets it
+                raise RuntimeError("the simulator process has no stdout pipe")
             lines.put(proc.stdout.readline())
 
         threading.Thread(target=read_first_line, name="ragguard-simulator-port", daemon=True).start()
@@ -264,7 +266,10 @@ class Served(Generic[AppT]):
         return f"Served(url={self.url!r}, mode={self.mode!r})"
 
     def _open(self, method: str, path: str) -> bytes:
-        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        # self.url is the http://127.0.0.1 address of the server this object started
+        request = urllib.request.Request(  # noqa: S310
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
         with opener.open(request, timeout=30.0) as response:
             body: bytes = response.read()

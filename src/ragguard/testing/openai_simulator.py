@@ -46,9 +46,17 @@ Faults (seeded: the same seed gives the same sequence of outcomes for the same s
     client sees a connection error), ``stall_rate`` (the answer is held ``stall_s`` seconds, past a client's
     attempt timeout), ``stream_break_rate`` (a streamed answer is cut after its first chunk).
 
+Outage (not random: a period of time)
+    For ``outage_s`` seconds every ``/v1`` request is answered 500 with OpenAI's ``server_error`` body after
+    ``base_latency_s``, before any validation, rate limit or seeded fault (it consumes no quota and draws no
+    number from the seeded sequences). It starts ``outage_start_s`` seconds after the simulator starts or is
+    reset, or whenever :meth:`OpenAISimulator.start_outage` (``POST /_sim/outage?seconds=20``) says: now, for
+    that long (``seconds=0`` ends the outage under way). Outage answers count in ``faults["outage"]``.
+
 Stats
     :meth:`OpenAISimulator.stats` (and ``GET /_sim/stats``) returns a :class:`SimulatorStats`;
-    :meth:`OpenAISimulator.reset` (and ``POST /_sim/reset``) empties buckets and stats and rewinds the seeds.
+    :meth:`OpenAISimulator.reset` (and ``POST /_sim/reset``) empties buckets and stats, rewinds the seeds and
+    ends any outage (re-arming the scheduled one).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ import math
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -186,11 +195,20 @@ class SimulatorConfig(BaseModel):
     #: error); ``truncate`` ends the body cleanly without ``[DONE]`` or a finish reason (silently short)
     stream_break_style: Literal["disconnect", "truncate"] = "disconnect"
 
+    # --- outage: every /v1 request answered 500 for a period ---
+    #: seconds after the simulator starts (or is reset) at which an outage of ``outage_s`` begins (``None``: none
+    #: scheduled; ``POST /_sim/outage`` starts one at any moment)
+    outage_start_s: float | None = Field(default=None, ge=0, le=86_400)
+    #: how long an outage lasts, seconds: the scheduled one, and one started without a duration
+    outage_s: float = Field(default=0.0, ge=0, le=86_400)
+
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:
         total = self.error_rate + self.drop_rate + self.stall_rate + self.stream_break_rate
         if total > 1.0 + 1e-9:
             raise ValueError(f"error_rate + drop_rate + stall_rate + stream_break_rate must be <= 1, not {total:g}")
+        if self.outage_start_s is not None and self.outage_s <= 0:
+            raise ValueError("outage_s must be > 0 seconds when outage_start_s schedules an outage")
         if self.per_model and self.scope == "pooled":
             raise ValueError("per_model limits need scope='model' (a pooled bucket has one limit)")
         return self
@@ -257,7 +275,8 @@ class SimulatorStats(BaseModel):
     responses_by_status: dict[int, int] = Field(default_factory=dict)
     #: 429s by type: ``requests``, ``tokens``, ``insufficient_quota``
     rate_limited: dict[str, int] = Field(default_factory=dict)
-    #: faults injected by kind: ``drop``, ``error_500``, ``error_503``, ``stall``, ``stream_break``
+    #: faults injected by kind: ``drop``, ``error_500``, ``error_503``, ``stall``, ``stream_break``, and
+    #: ``outage`` (requests answered 500 because an outage was under way)
     faults: dict[str, int] = Field(default_factory=dict)
     requests_admitted: int = 0
     tokens_admitted: int = 0
@@ -265,6 +284,9 @@ class SimulatorStats(BaseModel):
     buckets: dict[str, BucketStats] = Field(default_factory=dict)
     first_request_at: float | None = None
     last_request_at: float | None = None
+    #: when the current, last or next scheduled outage starts and ends (``None``: there is none)
+    outage_started_at: float | None = None
+    outage_ends_at: float | None = None
 
     @property
     def rate_limited_total(self) -> int:
@@ -291,7 +313,7 @@ class _Counters:
         self.by_model: dict[str, int] = {}
         self.by_status: dict[int, int] = {}
         self.rate_limited = {"requests": 0, "tokens": 0, "insufficient_quota": 0}
-        self.faults: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
+        self.faults: dict[str, int] = {**dict.fromkeys(FAULT_KINDS, 0), "outage": 0}
         self.first: float | None = None
         self.last: float | None = None
 
@@ -621,6 +643,7 @@ class OpenAISimulator:
             per_input_token=config.per_input_token_latency_s,
             jitter=config.jitter,
         )
+        self._outage = self._scheduled_outage(clock())
 
     @property
     def config(self) -> SimulatorConfig:
@@ -657,15 +680,55 @@ class OpenAISimulator:
                 buckets=buckets,
                 first_request_at=c.first,
                 last_request_at=c.last,
+                outage_started_at=self._outage[0] if self._outage is not None else None,
+                outage_ends_at=self._outage[1] if self._outage is not None else None,
             )
 
     def reset(self) -> None:
-        """Refill every bucket, zero the stats, and rewind the fault and jitter sequences to the seed."""
+        """Refill every bucket, zero the stats, rewind the fault and jitter sequences to the seed, and end any
+        outage (the one ``outage_start_s`` schedules starts again that long from now)."""
         with self._lock:
             self._accounts.clear()
             self._counters = _Counters()
             self._faults.reset()
             self._latency.reset()
+            self._outage = self._scheduled_outage(self._clock())
+
+    # ------------------------------------------------------------------ outage
+
+    def _scheduled_outage(self, now: float) -> tuple[float, float] | None:
+        start = self._config.outage_start_s
+        if start is None:
+            return None
+        return now + start, now + start + self._config.outage_s
+
+    def start_outage(self, seconds: float | None = None) -> tuple[float, float]:
+        """Answer every ``/v1`` request with 500 from now for ``seconds`` (default: ``config.outage_s``).
+
+        Replaces any outage scheduled or under way; ``seconds=0`` ends the one under way. Safe to call from any
+        thread (``POST /_sim/outage?seconds=S`` does the same over HTTP).
+
+        Returns:
+            ``(start, end)`` of the outage on the simulator's clock, seconds.
+
+        Raises:
+            ValueError: ``seconds`` is negative, not finite, or missing with ``config.outage_s`` 0.
+        """
+        if seconds is None:
+            seconds = self._config.outage_s
+            if seconds <= 0:
+                raise ValueError("give the outage's length in seconds (config.outage_s is 0)")
+        if not (isinstance(seconds, (int, float)) and 0.0 <= seconds <= 86_400.0):
+            raise ValueError(f"an outage lasts 0 to 86400 seconds, not {seconds!r}")
+        with self._lock:
+            now = self._clock()
+            self._outage = (now, now + float(seconds))
+            return self._outage
+
+    def _in_outage(self, now: float) -> bool:
+        """Whether an outage is under way at ``now`` (hold the lock)."""
+        outage = self._outage
+        return outage is not None and outage[0] <= now < outage[1]
 
     # ------------------------------------------------------------------ process mode (ProcessServable)
 
@@ -701,7 +764,7 @@ class OpenAISimulator:
             if root and path.startswith(root):
                 path = path[len(root) :]
             if path.startswith("/_sim/"):
-                await self._admin(scope["method"], path, send)
+                await self._admin(scope["method"], path, scope.get("query_string", b""), send)
             else:
                 await self._api(scope, path, receive, send)
         elif kind == "lifespan":
@@ -713,8 +776,17 @@ class OpenAISimulator:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
 
-    async def _admin(self, method: str, path: str, send: Send) -> None:
-        if method == "GET" and path == "/_sim/stats":
+    async def _admin(self, method: str, path: str, query: bytes, send: Send) -> None:
+        if method == "POST" and path == "/_sim/outage":
+            values = urllib.parse.parse_qs(query.decode("latin-1")).get("seconds")
+            try:
+                seconds = float(values[-1]) if values else None
+                start, end = self.start_outage(seconds)
+            except ValueError as exc:
+                await self._send(send, 400, {"error": {"message": str(exc), "type": "invalid_request_error"}}, [])
+                return
+            await self._send(send, 200, {"outage": {"started_at": start, "ends_at": end, "seconds": end - start}}, [])
+        elif method == "GET" and path == "/_sim/stats":
             await self._send(send, 200, self.stats().model_dump(mode="json"), [])
         elif method == "POST" and path == "/_sim/reset":
             self.reset()
@@ -801,8 +873,13 @@ class OpenAISimulator:
             with self._lock:
                 now = self._clock()
                 self._count(endpoint, None, now)
-                self._status(404)
                 account = self._account(self._key(""), "", now)  # no model: the default limits' view
+                outage = self._outage_answer(now)
+                if not outage:
+                    self._status(404)
+            if outage:
+                await self._send_outage(send, account, request_id)
+                return
             error = _HTTPError(404, f"Invalid URL ({method} {path})")
             await self._send(send, 404, error.body, self._answer_headers(account, request_id))
             return
@@ -824,12 +901,18 @@ class OpenAISimulator:
             now = self._clock()
             self._count(endpoint, model, now)
             account = self._account(key, model, now)
-            if self._config.insufficient_quota:
+            outage = self._outage_answer(now)
+            if outage:
+                quota = False
+            elif self._config.insufficient_quota:
                 self._counters.rate_limited["insufficient_quota"] += 1
                 self._status(429)
                 quota = True
             else:
                 quota = False
+        if outage:
+            await self._send_outage(send, account, request_id)
+            return
         if quota:
             error = _HTTPError(
                 429,
@@ -873,6 +956,23 @@ class OpenAISimulator:
             await self._send_rate_limited(send, job, account, rejection, request_id)
             return
         await self._serve_admitted(scope, receive, send, job, account, fault, factor, request_id)
+
+    def _outage_answer(self, now: float) -> bool:
+        """Whether this request gets the outage's 500 (counted here; hold the lock)."""
+        if not self._in_outage(now):
+            return False
+        self._counters.faults["outage"] += 1
+        self._status(500)
+        return True
+
+    async def _send_outage(self, send: Send, account: Account, request_id: bytes) -> None:
+        # the base latency without a jitter draw: the seeded sequences of the other requests stay as they were
+        if self._latency.base > 0:
+            await anyio.sleep(self._latency.base)
+        error = _HTTPError(
+            500, "The server had an error while processing your request. Sorry about that!", type="server_error"
+        )
+        await self._send(send, 500, error.body, self._answer_headers(account, request_id))
 
     def _count(self, endpoint: str, model: str | None, now: float) -> None:
         c = self._counters
@@ -1289,6 +1389,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-rate", type=float, help="share of stalled answers")
     parser.add_argument("--stall-s", type=float, help="stall length, seconds")
     parser.add_argument("--stream-break-rate", type=float, help="share of streams cut after the first chunk")
+    parser.add_argument(
+        "--outage-start", dest="outage_start_s", type=float, help="seconds after start at which an outage begins"
+    )
+    parser.add_argument(
+        "--outage", dest="outage_s", type=float, help="outage length, seconds (every /v1 request answered 500)"
+    )
     parser.add_argument("--managed", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -1309,6 +1415,8 @@ _FLAG_FIELDS = (
     "stall_rate",
     "stall_s",
     "stream_break_rate",
+    "outage_start_s",
+    "outage_s",
 )
 
 

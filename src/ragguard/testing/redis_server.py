@@ -394,7 +394,8 @@ class RedisServer:
         config.write_text("\n".join(self._config(port)) + "\n")
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
+            # the redis-server binary from find_redis_server and a config file written here; no shell
+            proc = subprocess.Popen(  # noqa: S603
                 [binary, str(config), *self._extra_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
