@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import openai
+import pydantic
 from opentelemetry import context as otel_context
 
 from .. import _stateful, telemetry
@@ -252,6 +253,13 @@ def _parsed(ctx: CallContext, cost: _Cost, raw: Any, stream: bool) -> Any:
     tokens OpenAI charged for it."""
     ctx.rate_headers = parse_rate_limit_headers(raw.headers)
     result = raw.parse()
+    if not stream and not isinstance(result, pydantic.BaseModel):
+        # a 200 whose body is not the documented object (an HTML page from a proxy, a JSON array, null) comes back
+        # from the SDK's lenient parsing as a str, list or None: an error (retryable), never the caller's answer.
+        # (The SDK's strict mode would do it, but it validates embeddings before decoding their base64.)
+        raise openai.APIResponseValidationError(
+            response=raw.http_response, body=result, message=f"expected a JSON object, got {type(result).__name__}"
+        )
     if not stream:
         used = getattr(result, "usage", None)
         ctx.used_tokens = cost.charged(used)
