@@ -1,8 +1,10 @@
 """Stateful property test of :class:`ragguard.RateLimiter` (RPM and TPM buckets) on virtual time.
 
 Hypothesis drives random sequences of reservations (request and token costs, some larger than a bucket, budgets
-from 0 to unlimited) through the non-waiting :meth:`RateLimiter.reserve`, gives back the latest reservation
-(a caller cancelled before its turn), advances a :class:`~ragguard.ManualClock`, and feeds the provider's
+from 0 to unlimited) through the non-waiting :meth:`RateLimiter.reserve` (or its handle-returning core, the
+reservation a caller of :meth:`RateLimiter.acquire` holds while it waits), gives back the latest reservation
+with :meth:`RateLimiter.refund` or any waiting one, newest or not, as a caller cancelled before its turn does,
+advances a :class:`~ragguard.ManualClock`, and feeds the provider's
 signals: ``x-ratelimit-*`` headers (:meth:`RateLimiter.observe`, remaining counts and advertised limits) and
 shared Retry-After pauses (:meth:`RateLimiter.pause`). The reference model is the log of what was admitted
 and when, plus what the module docstring of ``ragguard.guards.limiter`` promises:
@@ -21,13 +23,17 @@ from __future__ import annotations
 import math
 import random
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ragguard import ManualClock, RateLimiter, RateLimitHeaders, RateLimitTimeout
-from ragguard.guards.limiter import PAUSE_JITTER_FRACTION, PAUSE_JITTER_INTERVALS
+from ragguard.guards.limiter import PAUSE_JITTER_FRACTION, PAUSE_JITTER_INTERVALS, _Reservation
+
+#: one admission of the log: (time, requests, tokens)
+Admission = tuple[float, float, float]
 
 #: relative float slack of the bound checks (the schedule is float arithmetic on absolute times)
 EPS = 1e-9
@@ -90,8 +96,10 @@ class LimiterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = ManualClock(1_000.0)
-        self.admitted: list[tuple[float, float, float]] = []  # (time, requests, tokens)
-        self.latest: int | None = None  # index in `admitted` of the newest reservation, while it may be refunded
+        self.admitted: list[Admission] = []
+        self.latest: Admission | None = None  # the newest reservation, while it may be refunded
+        # reservations made through the handle-returning core, with their handles (what a waiting caller holds)
+        self.waiting: list[tuple[Admission, _Reservation]] = []
         self.paused_until = -math.inf
         self.jitter_cap = 0.0
 
@@ -132,12 +140,18 @@ class LimiterMachine(RuleBasedStateMachine):
 
     # --- reservations ---------------------------------------------------------------------------------------
 
-    def _request(self, requests: float, tokens: float, budget: float) -> float | None:
+    def _request(self, requests: float, tokens: float, budget: float, *, handle: bool = False) -> float | None:
         before = self.levels()
         bound = self.wait_bound(requests, tokens)
         refused: RateLimitTimeout | None = None
+        reservation: _Reservation | None = None
         try:
-            wait = self.limiter.reserve(requests, tokens, max_wait=budget)
+            if handle:
+                # what acquire() does before it sleeps (the limiter's own max_wait is unlimited here)
+                reservation = self.limiter._reserve(requests, tokens, budget)
+                wait = 0.0 if reservation is None else reservation.wait
+            else:
+                wait = self.limiter.reserve(requests, tokens, max_wait=budget)
         except RateLimitTimeout as exc:
             refused = exc
         if refused is not None:
@@ -151,37 +165,62 @@ class LimiterMachine(RuleBasedStateMachine):
         at = self.clock.now() + wait
         self.req.charge(at, requests)
         self.tok.charge(at, tokens)
-        self.admitted.append((at, requests, tokens))
-        self.latest = len(self.admitted) - 1
+        admission = (at, requests, tokens)
+        self.admitted.append(admission)
+        self.latest = admission
+        if reservation is not None:
+            self.waiting.append((admission, reservation))
         return wait
 
     @rule(
         requests=st.sampled_from([0.0, 1.0, 1.0, 2.0, 5.0]),
         tokens=st.sampled_from([0.0, 1.0, 50.0, 500.0, 5_000.0, 50_000.0]),
         budget=st.sampled_from([0.0, 0.0, 0.5, 2.0, math.inf]),
+        handle=st.booleans(),
     )
-    def request(self, requests: float, tokens: float, budget: float) -> None:
-        self._request(requests, tokens, budget)
+    def request(self, requests: float, tokens: float, budget: float, handle: bool) -> None:
+        self._request(requests, tokens, budget, handle=handle)
 
     @rule(
         count=st.integers(2, 12),
         requests=st.sampled_from([0.5, 1.0, 1.0]),
         tokens=st.sampled_from([0.0, 10.0, 200.0]),
         budget=st.sampled_from([0.0, 1.0, math.inf]),
+        handle=st.booleans(),
     )
-    def crowd(self, count: int, requests: float, tokens: float, budget: float) -> None:
+    def crowd(self, count: int, requests: float, tokens: float, budget: float, handle: bool) -> None:
         """Many callers at the same instant (what fills a bucket to its bound)."""
         for _ in range(count):
-            self._request(requests, tokens, budget)
+            self._request(requests, tokens, budget, handle=handle)
 
-    @precondition(lambda self: self.latest is not None and self.admitted[self.latest][0] > self.clock.now())
+    def _forget(self, admission: Admission) -> None:
+        self.admitted.remove(admission)
+        self.waiting = [(kept, handle) for kept, handle in self.waiting if kept is not admission]
+        if self.latest is admission:
+            self.latest = None
+
+    @precondition(lambda self: self.latest is not None and self.latest[0] > self.clock.now())
     @rule()
     def refund_latest(self) -> None:
-        """The newest caller is cancelled before its turn and gives its reservation back."""
+        """The newest caller gives its reservation back with the handle-less refund(), before its turn."""
         assert self.latest is not None
-        _, requests, tokens = self.admitted.pop(self.latest)
-        self.latest = None
+        _, requests, tokens = latest = self.latest
+        self._forget(latest)
         self.limiter.refund(requests, tokens)
+
+    @precondition(lambda self: any(admission[0] > self.clock.now() for admission, _ in self.waiting))
+    @rule(pick=st.integers(0, 2**16))
+    def cancel_a_waiter(self, pick: int) -> None:
+        """A caller waiting for its turn, the newest or any older one, is cancelled and gives its reservation back
+        (what acquire() does when cancelled while it sleeps)."""
+        candidates = [(admission, handle) for admission, handle in self.waiting if admission[0] > self.clock.now()]
+        admission, handle = candidates[pick % len(candidates)]
+        before = self.levels()
+        self._forget(admission)
+        self.limiter._give_back(handle)
+        after = self.levels()
+        # never more than it charged, never a level lowered
+        assert after[0] >= before[0] and after[1] >= before[1]
 
     @rule(
         requests=st.sampled_from([1.0, 5.0, 100.0]),
@@ -314,20 +353,49 @@ test_limiter_keeps_the_window_bound = LimiterMachine.TestCase
 # --- giving back a reservation that is not the newest --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RateLimiter.refund (and the refund of a caller cancelled while waiting) lowers the schedule by the "
-    "full cost even when later reservations were made since: a newcomer then gets the same slot as a later "
-    "waiter, exceeding capacity + rate·t",
-)
-def test_cancelling_a_waiter_in_the_middle_keeps_the_window_bound() -> None:
-    clock = ManualClock()
+class FrozenClock(ManualClock):
+    """Virtual time that stands still: a sleep lasts until it is cancelled (a caller waiting for its turn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleepers = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleepers += 1
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.sleepers -= 1
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_waiter_in_the_middle_keeps_the_window_bound() -> None:
+    clock = FrozenClock()
     limiter = RateLimiter(rpm=60, burst_seconds=1.0, clock=clock)  # 1 request/s, capacity 1
+
+    async def wait_for_turn(scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire(1)
+
     a = limiter.reserve(1)  # goes now
-    b = limiter.reserve(1)  # waits 1 s
-    c = limiter.reserve(1)  # waits 2 s
-    assert (a, b, c) == (0.0, 1.0, 2.0)
-    limiter.refund(1)  # b is cancelled while waiting: its reservation is given back
+    b_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait_for_turn, b_scope)  # b reserves t=1 and sleeps until then
+        await anyio.wait_all_tasks_blocked()
+        assert clock.sleepers == 1
+        c = limiter.reserve(1)  # waits 2 s
+        assert (a, c) == (0.0, 2.0)
+        b_scope.cancel()  # b is cancelled while waiting: it gives back what c does not depend on
+    assert b_scope.cancelled_caught
     d = limiter.reserve(1)
     # c and d must not go together: two requests in a window of 0 s exceed the capacity of 1
     assert d >= c + 1.0
+    assert d == 3.0  # and b's slot is not lost either: d goes right after c
+
+    # the newest waiter cancelled gives its whole reservation back: the next caller takes its slot
+    e_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait_for_turn, e_scope)  # e reserves t=4
+        await anyio.wait_all_tasks_blocked()
+        e_scope.cancel()
+    assert limiter.reserve(1) == 4.0

@@ -22,7 +22,11 @@ the order they reserved (FIFO by construction), and over any window of ``t`` sec
   :class:`~ragguard.RateLimitTimeout`, consuming nothing (limits#221: we wait, but never pointlessly). A call
   that needs no wait is never refused.
 - A caller cancelled while waiting gives its reservation back (the level is capped at capacity), so
-  cancellation never leaks capacity.
+  cancellation never leaks capacity; but only the part no later reservation depends on, as Go's
+  ``golang.org/x/time/rate`` ``Reservation.CancelAt`` does: a reservation remembers the bucket's ``tat`` right
+  after it was charged (``tat_after``), and gives back ``max(0, cost - (tat_now - tat_after'))``, where
+  ``tat_after'`` is ``tat_after`` moved by the shared pauses since. The callers scheduled after it keep their
+  times, so a newcomer can never take the same slot as one of them (the window bound holds).
 
 Accounting (after a successful call; ``ctx.used_tokens`` comes from the provider's ``usage``)
 ---------------------------------------------------------------------------------------------
@@ -117,14 +121,36 @@ MIN_RATE_BACKOFF = 0.05
 RATE_RECOVERY_PER_S = 0.02
 
 
-class _Sleeper:
-    """A caller waiting for its reservation: its time (in the frame of ``shift0``, see ``_wait``)."""
+class _Reservation:
+    """A reservation that must wait (what ``_reserve`` returns when the call cannot go at once).
 
-    __slots__ = ("at", "shift0")
+    Attributes:
+        wait: seconds from the reservation until the call may go.
+        at: the call's time, in the frame of ``shift0`` (a slower rate moves it, see ``_retune``).
+        shift0: the limiter's total pause shift when the reservation was made.
+        req_after, tok_after: each bucket's ``tat`` right after this reservation was charged.
+        req_cost, tok_cost: what it charged, seconds of refill.
+    """
 
-    def __init__(self, at: float, shift0: float) -> None:
+    __slots__ = ("at", "req_after", "req_cost", "shift0", "tok_after", "tok_cost", "wait")
+
+    def __init__(
+        self,
+        wait: float,
+        at: float,
+        shift0: float,
+        req_after: float,
+        tok_after: float,
+        req_cost: float,
+        tok_cost: float,
+    ) -> None:
+        self.wait = wait
         self.at = at
         self.shift0 = shift0
+        self.req_after = req_after
+        self.tok_after = tok_after
+        self.req_cost = req_cost
+        self.tok_cost = tok_cost
 
 
 def _rescaled(tat: float, old_inv: float, new_inv: float, base: float, burst: float) -> float:
@@ -259,7 +285,7 @@ class RateLimiter(GuardBase):
         self._epoch = 0
         self._learn_limits = policy.follow_headers and policy.scope == "model"
         # callers sleeping until their reservation, so that a slower rate can move them (insertion-ordered)
-        self._sleepers: dict[_Sleeper, None] = {}
+        self._sleepers: dict[_Reservation, None] = {}
 
     @classmethod
     def from_policy(cls, section: RateLimitPolicy, **extras: Any) -> RateLimiter:
@@ -353,8 +379,8 @@ class RateLimiter(GuardBase):
         """Reserve capacity now and return how many seconds the caller must wait before calling (``0.0``: go).
 
         Low level and synchronous (no waiting happens here): the caller must wait the returned time itself, or
-        give the reservation back with :meth:`refund`. Unlike :meth:`acquire` it does not follow shared pauses
-        that start after it returns.
+        give the reservation back with :meth:`refund` before anyone else reserves (see there). Unlike
+        :meth:`acquire` it does not follow shared pauses that start after it returns.
 
         Args:
             requests: the cost against the requests bucket (``>= 0``).
@@ -366,7 +392,8 @@ class RateLimiter(GuardBase):
             ValueError: a negative or NaN cost.
         """
         budget = self._max_wait if self._max_wait < max_wait else max_wait
-        return self._reserve(requests, tokens, budget)
+        reservation = self._reserve(requests, tokens, budget)
+        return 0.0 if reservation is None else reservation.wait
 
     async def acquire(self, requests: float = 1.0, tokens: float = 0.0, *, deadline: float = math.inf) -> float:
         """Wait until a call costing ``requests`` and ``tokens`` may go; return the seconds waited.
@@ -388,12 +415,14 @@ class RateLimiter(GuardBase):
             left = deadline - self.clock.now()
             if left < budget:
                 budget = left
-        wait = self._reserve(requests, tokens, budget)
-        if wait > 0.0:
-            return await self._wait(wait, requests, tokens, budget)
+        reservation = self._reserve(requests, tokens, budget)
+        if reservation is not None:
+            return await self._wait(reservation, budget)
         return 0.0
 
-    def _reserve(self, requests: float, tokens: float, budget: float) -> float:
+    def _reserve(self, requests: float, tokens: float, budget: float) -> _Reservation | None:
+        """Charge the call; ``None``: it goes now, else the reservation to wait for (and to give back if the
+        wait is abandoned)."""
         if not (requests >= 0.0 and tokens >= 0.0):
             raise ValueError(f"rate limiter costs must be >= 0, got requests={requests!r}, tokens={tokens!r}")
         burst = self._burst
@@ -429,7 +458,10 @@ class RateLimiter(GuardBase):
                 else:
                     self._tok_tat = at + tok_cost
                     self._tok_busy = at
-                return wait
+                if wait <= 0.0:
+                    return None
+                # read under the lock: exact even when another thread pauses or reserves right after
+                return _Reservation(wait, at, self._shift, self._req_tat, self._tok_tat, req_cost, tok_cost)
         raise RateLimitTimeout(
             f"rate limiter {self.name!r} needs {wait:.3f} s before admitting the call; "
             f"the wait may last only {budget:.3f} s",
@@ -437,26 +469,23 @@ class RateLimiter(GuardBase):
             remaining=budget,
         )
 
-    async def _wait(self, wait: float, requests: float, tokens: float, budget: float) -> float:
-        """Sleep until the reservation's time, following shared pauses that start meanwhile."""
+    async def _wait(self, reservation: _Reservation, budget: float) -> float:
+        """Sleep until the reservation's time, following shared pauses that start meanwhile; give the reservation
+        back (see ``_give_back``) if the wait is cancelled or runs past the budget."""
         clock = self.clock
-        # Read right after reserving: in one thread nothing runs in between. (If another thread's pause
-        # slipped in, this caller misses the block shift but is still held by paused_until, with jitter.)
-        shift0 = self._shift
+        shift0 = reservation.shift0
         start = clock.now()
-        reserved_at = start + wait
         limit_at = start + budget
-        base = reserved_at  # where the schedule puts us, without release jitter
-        target = reserved_at
+        base = reservation.at  # where the schedule puts us, without release jitter
+        target = base
         late = -1.0
-        sleeper = _Sleeper(reserved_at, shift0)
         with self._lock:
-            self._sleepers[sleeper] = None
+            self._sleepers[reservation] = None
         try:
             while True:
                 await clock.sleep(target - clock.now())
                 with self._lock:
-                    moved = sleeper.at + (self._shift - shift0)
+                    moved = reservation.at + (self._shift - shift0)
                     floor = self._paused_until
                     jitter_cap = self._jitter_cap
                 candidate = moved if moved >= floor else floor
@@ -468,14 +497,14 @@ class RateLimiter(GuardBase):
                     late = target - clock.now()
                     break
         except BaseException:
-            self._refund(requests * self._req_inv, tokens * self._tok_inv)
+            self._give_back(reservation)
             raise
         finally:
             with self._lock:
-                del self._sleepers[sleeper]
+                del self._sleepers[reservation]
         now = clock.now()
         if late >= 0.0:
-            self._refund(requests * self._req_inv, tokens * self._tok_inv)
+            self._give_back(reservation)
             raise RateLimitTimeout(
                 f"rate limiter {self.name!r} was paused or slowed by the provider: {late:.3f} s more to wait, "
                 f"the wait may last only {limit_at - now:.3f} s more",
@@ -484,10 +513,50 @@ class RateLimiter(GuardBase):
             )
         return now - start
 
-    def refund(self, requests: float = 0.0, tokens: float = 0.0) -> None:
-        """Give back capacity (a reservation never used, or tokens charged but not spent).
+    def _give_back(self, reservation: _Reservation) -> None:
+        """Give back the part of an abandoned reservation that no later reservation depends on.
 
-        The level never rises above capacity, nor above empty while a shared pause lasts.
+        After Go's ``golang.org/x/time/rate`` ``Reservation.CancelAt``: what was charged after this reservation
+        (later reservations, debits, lowered levels) moved ``tat`` past ``tat_after`` (shifted by the pauses since);
+        that much of its cost stays charged, since the later callers were scheduled on top of it. Giving back the
+        full cost would let a newcomer take the same slot as a later waiter (more than ``capacity + rate·t``).
+        """
+        with self._lock:
+            now = self.clock.now()
+            moved = self._shift - reservation.shift0
+            paused_until = self._paused_until
+            floor = paused_until + self._burst if paused_until > now else now
+            cost = reservation.req_cost
+            if cost:
+                tat = self._req_tat
+                covered = tat - (reservation.req_after + moved)
+                if covered > 0.0:
+                    cost -= covered
+                if cost > 0.0:
+                    tat -= cost
+                    self._req_tat = tat if tat > floor else floor
+            cost = reservation.tok_cost
+            if cost:
+                tat = self._tok_tat
+                covered = tat - (reservation.tok_after + moved)
+                if covered > 0.0:
+                    cost -= covered
+                if cost > 0.0:
+                    tat -= cost
+                    self._tok_tat = tat if tat > floor else floor
+
+    def refund(self, requests: float = 0.0, tokens: float = 0.0) -> None:
+        """Give back capacity at the end of the schedule: the **newest** reservation only (a :meth:`reserve`
+        whose caller gives up before anyone else reserves), or tokens charged but not spent.
+
+        There is no handle to tell which reservation is meant, so the whole amount comes off the end of the
+        schedule: giving back an older reservation this way, after later ones were made, would let a newcomer
+        take the same slot as one of them. (A caller of :meth:`acquire` or :meth:`run` cancelled while waiting
+        gives back its own reservation, clamped to what later reservations leave free.) The level never rises
+        above capacity, nor above empty while a shared pause lasts.
+
+        Raises:
+            ValueError: a negative or NaN amount.
         """
         if not (requests >= 0.0 and tokens >= 0.0):
             raise ValueError(f"refunds must be >= 0, got requests={requests!r}, tokens={tokens!r}")
@@ -705,9 +774,9 @@ class RateLimiter(GuardBase):
             if left < budget:
                 budget = left
         epoch = self._epoch  # the round this call is admitted in (see _back_off)
-        wait = self._reserve(requests, tokens, budget)
-        if wait > 0.0:
-            waited = await self._wait(wait, requests, tokens, budget)
+        reservation = self._reserve(requests, tokens, budget)
+        if reservation is not None:
+            waited = await self._wait(reservation, budget)
             telemetry.limiter_waited(self.name, waited)
         # The context outlives one attempt: only headers this attempt brought count.
         seen = ctx.rate_headers
