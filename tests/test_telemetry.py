@@ -368,3 +368,33 @@ async def test_breaker_transitions_are_events_metrics_and_span_events(otel: InMe
     assert [s.attributes["error.type"] for s in spans[-2:]] == ["CircuitOpenError", "CircuitOpenError"]
     assert all(s.attributes["ragguard.attempts"] == 0 for s in spans[-2:])  # refused before any attempt
     assert any(e.name == "ragguard.breaker_state_change" for s in spans for e in s.events)
+
+
+class _Store:
+    """A client of any kind, guarded by method map."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def search(self, query: str) -> list[str]:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionError("the first attempt drops")
+        return [query]
+
+
+@pytest.mark.anyio
+async def test_a_method_map_call_is_a_span_with_a_child_per_attempt(otel: InMemorySpanExporter) -> None:
+    store = ragguard.guard(
+        _Store(),
+        methods={"search": policy(retry={"attempts": 3, "base": 0.01, "cap": 0.01})},
+        backend=ragguard.MemoryBackend(),
+    )
+    assert await store.search("q") == ["q"]
+    spans = list(otel.get_finished_spans())
+    system = _Store.__module__.split(".")[0]  # the client's package
+    call = next(s for s in spans if s.name == f"search {system}")
+    assert call.attributes["db.operation.name"] == "search"
+    assert call.attributes["ragguard.attempts"] == 2
+    attempts = _children(spans, call)
+    assert [a.attributes.get("error.type") for a in attempts] == ["ConnectionError", None]

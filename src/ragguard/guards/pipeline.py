@@ -21,6 +21,7 @@ T = TypeVar("T")
 #: retry sees its refusal and stops early; every attempt pays for its own permit; a concurrency slot is only
 #: held while really calling.
 STAGES: dict[str, int] = {
+    "observe": 1,
     "fallback": 5,
     "cache": 10,
     "coalesce": 20,

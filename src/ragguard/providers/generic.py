@@ -10,11 +10,12 @@ HTTP status codes found on the exception (``status_code`` or ``response.status_c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
-from .. import _stateful
+from .. import _stateful, telemetry
 from .._clock import SYSTEM_CLOCK, Clock
+from .._context import CallContext
 from .._outcome import Classifier, classify_exception
 from ..backends.base import Backend
 from ..backends.memory import default_backend
@@ -22,12 +23,41 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..guards.bulkhead import ConcurrencyLimit
 from ..guards.hedge import Hedge
-from ..guards.pipeline import Guard, Pipeline
+from ..guards.pipeline import Guard, GuardBase, Pipeline
 from ..guards.retry import Retry
 from ..guards.timeout import Deadline, Timeout
 from ._proxy import AttributeProxy
 
 __all__ = ["GuardedObject", "build_pipeline", "guard_methods"]
+
+T = TypeVar("T")
+
+
+class _ObservedCall(GuardBase):
+    """Outermost: the call's span, metrics and events (:func:`ragguard.telemetry.observe_call`)."""
+
+    stage: ClassVar[str] = "observe"
+    __slots__ = ("clock", "operation", "system")
+
+    def __init__(self, system: str, operation: str, clock: Clock) -> None:
+        self.system, self.operation, self.clock = system, operation, clock
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        return await telemetry.observe_call(self.system, self.operation, "", "", call)
+
+
+class _ObservedAttempt(GuardBase):
+    """Innermost: one upstream attempt's span and counters."""
+
+    stage: ClassVar[str] = "custom"
+    __slots__ = ("clock",)
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    async def run(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
+        with telemetry.attempt(ctx.tokens):
+            return await call()
 
 
 def build_pipeline(
@@ -148,13 +178,14 @@ def guard_methods(
     backend = backend if backend is not None else default_backend()
     default = policy if policy is not None else Policy()
     kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    system = type(obj).__module__.split(".")[0]  # the client's package, e.g. qdrant_client
     overrides: dict[str, Any] = {}
     for name, method_policy in methods.items():
         method = getattr(obj, name, None)
         if method is None or not callable(method):
             raise ConfigError(f"{kind} has no method {name!r} to guard")
         label = f"{kind}.{name}"
-        pipeline = build_pipeline(
+        standard = build_pipeline(
             method_policy if method_policy is not None else default,
             backend,
             breaker=label,
@@ -162,6 +193,9 @@ def guard_methods(
             bulkhead=label,
             clock=clock,
             classify=classify,
+            outer=[_ObservedCall(system, name, clock)],
         )
+        # a span per call and a child span per attempt, as for the provider clients
+        pipeline = Pipeline(*standard.guards, _ObservedAttempt(clock), clock=clock, classify=classify)
         overrides[name] = guarded(pipeline, method)
     return GuardedObject(obj, overrides)
