@@ -4,7 +4,8 @@
   type, NaN, a negative number or an out-of-range infinity, raises :class:`pydantic.ValidationError` whose
   location is exactly that field; the same through ``RAGGUARD_*`` environment variables.
 * Every public constructor with numeric settings (listed below; a completeness test checks the list against
-  ``ragguard.__all__``) rejects the same values. Most raise ``ValidationError`` naming the field; the
+  ``ragguard.__all__``) rejects the same values. Most raise ``ValidationError`` naming the field (an argument
+  that is no field of the constructor's own model is checked by another model's rule, :data:`OTHER_RULES`); the
   exceptions to that rule are recorded in :data:`NOT_PYDANTIC` (a ``ValueError`` naming the field, or a
   ``TypeError`` for a wrong type); a bad value that is silently accepted is an ``xfail`` with the reason.
 * The header parsers of ``ragguard._hints`` never raise, and never return a negative, NaN, infinite or
@@ -263,8 +264,22 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], type[pydantic.BaseModel] | Non
         ragguard.BreakerPolicy,
         {},
     ),
-    "MemoryCacheStore": (ragguard.MemoryCacheStore, None, {}),
-    "InMemoryVectorIndex": (ragguard.InMemoryVectorIndex, None, {}),
+    "MemoryCacheStore": (ragguard.MemoryCacheStore, ragguard.CachePolicy, {}),
+    "InMemoryVectorIndex": (ragguard.InMemoryVectorIndex, ragguard.SemanticCachePolicy, {}),
+    "AIMDLimit": (ragguard.AIMDLimit, ragguard.AdaptiveConcurrencyPolicy, {"timeout": "timeout_s"}),
+    "GradientLimit": (ragguard.GradientLimit, ragguard.AdaptiveConcurrencyPolicy, {}),
+    "Hedge": (ragguard.Hedge, ragguard.HedgePolicy, {}),
+    "SharedRetryBudget": (
+        lambda **kw: ragguard.SharedRetryBudget("x", store=_redis(), **kw),
+        ragguard.RetryBudgetPolicy,
+        {},
+    ),
+}
+
+#: (constructor, argument) -> (the settings model whose field's rule checks it, that field), for arguments that
+#: are no field of the constructor's own model
+OTHER_RULES: dict[tuple[str, str], tuple[type[pydantic.BaseModel], str]] = {
+    ("SharedRateLimiter", "expected_instances"): (ragguard.RedisBackendOptions, "expected_instances"),
 }
 
 #: public classes with numeric constructor arguments that are not settings (values, errors, clocks, reports)
@@ -290,28 +305,16 @@ NOT_SETTINGS = {
 #: argument in its message; a TypeError, for a wrong type, does not)
 NOT_PYDANTIC: dict[tuple[str, str], tuple[type[Exception], ...]] = {
     **{("RetryBudget", arg): (ragguard.ConfigError,) for arg in ("ratio", "min_retries_per_s", "window_s", "buckets")},
-    ("MemoryCacheStore", "max_entries"): (ValueError, TypeError),
-    ("MemoryCacheStore", "max_bytes"): (ValueError, TypeError),
-    ("InMemoryVectorIndex", "max_entries"): (ValueError, TypeError),
-    ("SharedRateLimiter", "expected_instances"): (ValueError, TypeError),
-    ("SharedRateLimiter", "lease"): (ValueError, TypeError),
+    **{
+        ("SharedRetryBudget", arg): (ragguard.ConfigError,)
+        for arg in ("expected_instances", "flush_interval", "reconnect_interval")
+    },
     ("SharedRateLimiter", "backend_retry_after"): (ValueError, TypeError),
     ("SharedCircuitBreaker", "reconnect_interval"): (ValueError, TypeError),
 }
 
-#: bad values that are accepted without a word (bugs: see the reasons)
-ACCEPTED = {
-    ("MemoryCacheStore", "max_entries", "nan"): "bounds are checked with `<`, which NaN passes: the store is "
-    "then unbounded (`len + 1 > nan` is never true: nothing is ever evicted)",
-    ("MemoryCacheStore", "max_bytes", "nan"): "bounds are checked with `<`, which NaN passes: no byte bound",
-    ("InMemoryVectorIndex", "max_entries", "nan"): "checked with `<`, which NaN passes: every partition is "
-    "then unbounded (`len > nan` is never true)",
-    ("SharedRateLimiter", "expected_instances", "nan"): "checked with `< 1`, which NaN passes: without rpm/tpm "
-    "it is accepted; with them the fallback share's RateLimitPolicy fails, naming `rpm` (rpm/nan)",
-    ("SharedRateLimiter", "lease", "nan"): "checked with `< 1`, which NaN passes: the lease block is NaN",
-    ("SharedRateLimiter", "lease", "1.5"): "checked by hand, not by RateLimitPolicy.lease (an int >= 1): a "
-    "lease of 1.5 requests is accepted",
-}
+#: bad values that are accepted without a word (bugs: see the reasons); none known
+ACCEPTED: dict[tuple[str, str, str], str] = {}
 
 #: the bad values every extra (non-model) numeric argument must reject (these are checked by hand, with no
 #: integer check: 1.5 passes for the integer ones)
@@ -326,6 +329,12 @@ def _constructor_cases() -> Iterator[Any]:
             field = renamed.get(arg, arg)
             if field in fields:
                 kind, info = fields[field]
+                values = bad_values(info, kind)
+            elif (ctor, arg) in OTHER_RULES:
+                other, name = OTHER_RULES[ctor, arg]
+                info = other.model_fields[name]
+                kind = _numeric_type(info.annotation)
+                assert kind is not None
                 values = bad_values(info, kind)
             elif (ctor, arg) in NOT_PYDANTIC and arg != "store":
                 values = EXTRA_BAD

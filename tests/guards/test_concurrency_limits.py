@@ -93,20 +93,27 @@ def test_aimd_counts_a_sample_slower_than_its_timeout_as_a_drop() -> None:
     assert aimd.limit == 9
 
 
+def assert_names(error: pydantic.ValidationError, field_name: str) -> None:
+    assert (field_name,) in [e["loc"] for e in error.errors()], error
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "field_name"),
     [
-        {"min_limit": 0},
-        {"min_limit": 5, "max_limit": 4, "initial_limit": 4},
-        {"initial_limit": 300},
-        {"backoff_ratio": 1.0},
-        {"backoff_ratio": 0.4},
-        {"timeout": 0.0},
+        ({"min_limit": 0}, "min_limit"),
+        ({"min_limit": 5, "max_limit": 4, "initial_limit": 4}, "max_limit"),
+        ({"initial_limit": 300}, "initial_limit"),
+        ({"backoff_ratio": 1.0}, "backoff_ratio"),
+        ({"backoff_ratio": 0.4}, "backoff_ratio"),
+        ({"timeout": 0.0}, "timeout_s"),  # AdaptiveConcurrencyPolicy's name for it
+        ({"timeout": float("nan")}, "timeout_s"),
+        ({"max_limit": 2.5}, "max_limit"),
     ],
 )
-def test_aimd_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="must"):
+def test_aimd_rejects_bad_settings_naming_the_field(kwargs: dict[str, Any], field_name: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
         AIMDLimit(**kwargs)
+    assert_names(info.value, field_name)
 
 
 # ---------------------------------------------------------------- Gradient2
@@ -175,11 +182,28 @@ def test_gradient_backs_off_on_a_drop_and_stays_within_bounds() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"smoothing": 0.0}, {"rtt_tolerance": 0.9}, {"queue_size": -1}, {"long_window": 0}, {"backoff_ratio": 1.0}],
+    [
+        {"smoothing": 0.0},
+        {"rtt_tolerance": 0.9},
+        {"rtt_tolerance": float("nan")},
+        {"queue_size": -1},
+        {"long_window": 0},
+        {"backoff_ratio": 1.0},
+        {"initial_limit": 201},
+    ],
 )
-def test_gradient_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="must"):
+def test_gradient_rejects_bad_settings_naming_the_field(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
         GradientLimit(**kwargs)
+    assert_names(info.value, next(iter(kwargs)))
+
+
+def test_the_algorithms_need_explicit_bounds() -> None:
+    """The policy may leave max_limit and initial_limit to the bulkhead (None); an algorithm may not."""
+    with pytest.raises(TypeError, match="max_limit"):
+        AIMDLimit(max_limit=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="initial_limit"):
+        GradientLimit(initial_limit=None)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- configuration

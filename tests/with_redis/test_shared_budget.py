@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import pydantic
 import pytest
 from redis.client import Redis
 
@@ -273,11 +274,18 @@ async def test_a_dead_redis_costs_one_timeout_per_reconnect_interval(
 
 def test_invalid_settings_are_refused(redis_url: str) -> None:
     backend = RedisBackend(redis_url)
+    # the policy's numbers by RetryBudgetPolicy's rules, naming the field
+    for field, bad in (
+        ("ratio", -1.0),
+        ("window_s", 0.0),
+        ("buckets", 0),
+        ("min_retries_per_s", float("inf")),
+        ("ratio", float("nan")),
+    ):
+        with pytest.raises(pydantic.ValidationError) as info:
+            SharedRetryBudget("x", store=backend, **{field: bad})
+        assert [e["loc"] for e in info.value.errors()] == [(field,)]
     for settings in (
-        {"ratio": -1.0},
-        {"window_s": 0.0},
-        {"buckets": 0},
-        {"min_retries_per_s": float("inf")},
         {"flush_interval": -1.0},
         {"reconnect_interval": float("nan")},
         {"expected_instances": 0},

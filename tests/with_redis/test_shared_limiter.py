@@ -111,7 +111,7 @@ async def test_waits_and_refusals_match_the_local_limiter(backends: Callable[...
     name = unique_name()
     local = RateLimiter(rpm=RPM, tpm=TPM, burst_seconds=BURST, clock=ManualClock())
     first = await store.reserve(name, 1 * REQ, 100 * TOK, BURST, math.inf, 0.0)
-    assert first == (True, 0.0, 0.0, 0.0)
+    assert first[:4] == (True, 0.0, 0.0, 0.0)
     assert local.reserve(1, 100) == 0.0
     t0 = (await store.check(name)).tok_tat - 100 * TOK  # the server time of the first call
     calls = [

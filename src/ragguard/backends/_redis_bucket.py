@@ -9,8 +9,9 @@ refill*: a call costing ``requests`` and ``tokens`` costs ``requests·60/rpm`` a
 a bucket's capacity is ``burst`` seconds for both buckets. The client computes the costs, so the instances
 sharing a bucket must agree on ``rpm``, ``tpm`` and ``burst_seconds``.
 
-Per bucket, one key (so one Redis Cluster slot) holds six little-endian doubles (48 bytes, Lua
-``struct.pack('<dddddd', …)``):
+Per bucket, one key (so one Redis Cluster slot) holds seven little-endian doubles (56 bytes, Lua
+``struct.pack('<ddddddd', …)``; a 48-byte value written by an earlier version, without ``l``, is read with
+``l = max(r, t) - s``, later than any reservation it holds):
 
 - ``r``, ``t``: the theoretical arrival times of the requests and tokens buckets (server seconds since the
   epoch at which each would be full again; ``-1e300``: full since forever);
@@ -18,7 +19,9 @@ Per bucket, one key (so one Redis Cluster slot) holds six little-endian doubles 
 - ``s``: the total seconds shared pauses have pushed the schedule back (a waiting caller compares it with the
   value it saw when it reserved, to learn how far its own reservation moved);
 - ``j``: the release jitter cap of the current pause, seconds;
-- ``x``: the server time at which the key is already set to expire.
+- ``x``: the server time at which the key is already set to expire;
+- ``l``: the latest time of a reservation made with a wait, less ``s`` then (what a cancelled reservation
+  compares its own with, see below).
 
 A packed string rather than a hash because the hot path is then three commands (``TIME``, ``GET``, ``SET``) with
 no float formatting, and the expiry rides on the ``SET``: ``KEEPTTL`` while ``x`` is late enough, else ``PX``
@@ -29,10 +32,16 @@ the same way: one binary argument, an operation byte and little-endian doubles.
 Operations (:class:`RedisBucketStore`): ``reserve`` (admitted with the wait to sleep, the reservation made; or
 refused with the exact wait, nothing reserved), ``check`` (the pause state, after a sleep), ``refund``, ``debit``
 (reconciliation once the real usage is known), ``pause`` (shared Retry-After) and ``observe`` (lower-only, from
-the provider's ``x-ratelimit-remaining-*``). Their semantics mirror ``RateLimiter._reserve``, ``_refund``,
-``debit``, ``_pause`` and ``observe``, with the server's ``TIME`` as *now*. The release jitter after a pause is
-drawn by the client (a uniform number in ``[0, 1)`` passed in), because ``math.random`` in Redis 6.2 scripts is
-deterministic.
+the provider's ``x-ratelimit-remaining-*``). Their semantics mirror ``RateLimiter._reserve``, ``_refund`` /
+``_give_back``, ``debit``, ``_pause`` and ``observe``, with the server's ``TIME`` as *now*. The release jitter
+after a pause is drawn by the client (a uniform number in ``[0, 1)`` passed in), because ``math.random`` in
+Redis 6.2 scripts is deterministic.
+
+Giving back a reservation whose caller was cancelled while waiting (``refund`` with the reservation's
+:attr:`Reservation.slot`) follows Go's ``golang.org/x/time/rate`` ``Reservation.CancelAt``, as the local limiter
+does: ``max(0, cost - (l - slot))`` seconds of refill, nothing once its time has come, so that no later
+reservation (of any instance) shares its slot with a newcomer. A refund without a slot comes off the end of the
+schedule whole: for the newest reservation, or tokens charged but not spent.
 
 Fairness: reservations are FIFO in the order Redis executes the scripts. A caller told to wait already holds
 its slot in the schedule; a newcomer's reservation is placed after every earlier one, so it can never overtake
@@ -75,10 +84,12 @@ EXPIRY_MARGIN = 1.0
 _BIG = 1e18
 #: "never set" for the times in the stored state.
 NONE = -1e300
+#: the slot of a plain refund (no reservation: off the end of the schedule, whole)
+NO_SLOT = math.inf
 
 BUCKET_SCRIPT = """
 -- ragguard distributed token bucket (GCRA reservation schedule), see ragguard/backends/_redis_bucket.py.
--- KEYS[1]: the bucket, six little-endian doubles r, t, p, s, j, x. ARGV[1]: an operation byte, then doubles.
+-- KEYS[1]: the bucket, seven little-endian doubles r, t, p, s, j, x, l. ARGV[1]: an operation byte, then doubles.
 -- Times are server seconds (TIME); costs, burst and levels are seconds of refill.
 redis.replicate_commands()
 local key = KEYS[1]
@@ -86,9 +97,17 @@ local arg = ARGV[1]
 local op = string.sub(arg, 1, 1)
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local r, t, p, s, j, x = -1e300, -1e300, -1e300, 0, 0, -1e300
+local r, t, p, s, j, x, l = -1e300, -1e300, -1e300, 0, 0, -1e300, -1e300
 local raw = redis.call('GET', key)
-if raw then r, t, p, s, j, x = struct.unpack('<dddddd', raw) end
+if raw then
+  if #raw == 48 then
+    -- written by an earlier version, without l: no reservation goes after the bucket is full again
+    r, t, p, s, j, x = struct.unpack('<dddddd', raw)
+    l = math.max(r, t) - s
+  else
+    r, t, p, s, j, x, l = struct.unpack('<ddddddd', raw)
+  end
+end
 
 -- The key must outlive the moment the bucket is full again and the pause is over, by MARGIN seconds. x is the
 -- expiry time already set: when it is late enough, KEEPTTL (cheaper than re-setting the expiry on every
@@ -100,10 +119,10 @@ local function store()
   if p + j > horizon then horizon = p + j end
   if horizon < now then horizon = now end
   if x >= horizon + MARGIN then
-    redis.call('SET', key, struct.pack('<dddddd', r, t, p, s, j, x), 'KEEPTTL')
+    redis.call('SET', key, struct.pack('<ddddddd', r, t, p, s, j, x, l), 'KEEPTTL')
   else
     x = horizon + 2 * MARGIN
-    redis.call('SET', key, struct.pack('<dddddd', r, t, p, s, j, x), 'PX', math.ceil((x - now) * 1000))
+    redis.call('SET', key, struct.pack('<ddddddd', r, t, p, s, j, x, l), 'PX', math.ceil((x - now) * 1000))
   end
 end
 
@@ -138,18 +157,35 @@ if op == 'R' then
     if t < at then t = at end
     r = r + req_cost
     t = t + tok_cost
+    if wait <= 0 then
+      store()
+      return 0
+    end
+    -- the slot: its time less the pause shift (a call admitted at once need not be tracked, see op F)
+    local slot = at - s
+    if slot > l then l = slot end
     store()
-    if wait <= 0 then return 0 end
-    return struct.pack('<dddd', 1, wait, s, now)
+    return struct.pack('<ddddd', 1, wait, s, now, slot)
   end
   if refunded then store() end
-  return struct.pack('<dddd', 0, wait, s, now)
+  return struct.pack('<ddddd', 0, wait, s, now, math.huge)
 elseif op == 'C' then
   return struct.pack('<dddddd', now, s, p, j, r, t)
 elseif op == 'F' then
-  -- refund: req_cost, tok_cost, burst (a missing key is a full bucket: nothing to give back)
+  -- refund: req_cost, tok_cost, burst, slot (a missing key is a full bucket: nothing to give back). A slot is a
+  -- cancelled reservation's (Go's Reservation.CancelAt): nothing once its time has come, else the cost less how
+  -- much later the latest reservation goes; math.huge: a plain refund, off the end of the schedule
   if not raw then return 0 end
-  local req_cost, tok_cost, burst = struct.unpack('<ddd', arg, 2)
+  local req_cost, tok_cost, burst, slot = struct.unpack('<dddd', arg, 2)
+  if slot < math.huge then
+    if slot + s <= now then return 0 end
+    local later = l - slot
+    if later > 0 then
+      req_cost = req_cost - later
+      tok_cost = tok_cost - later
+    end
+    if req_cost <= 0 and tok_cost <= 0 then return 0 end
+  end
   refund(req_cost, tok_cost, burst)
   store()
   return 0
@@ -210,12 +246,12 @@ return redis.error_reply('ragguard bucket: unknown operation ' .. op)
 """
 
 _RESERVE = struct.Struct("<cddddddd")
-_REFUND = struct.Struct("<cddd")
+_REFUND = struct.Struct("<cdddd")
 _DEBIT = struct.Struct("<cdd")
 _PAUSE = struct.Struct("<cddddd")
 _OBSERVE = struct.Struct("<cddd")
 _CHECK = b"C"
-_WAIT_REPLY = struct.Struct("<dddd")
+_WAIT_REPLY = struct.Struct("<ddddd")
 _STATE_REPLY = struct.Struct("<dddddd")
 
 
@@ -228,12 +264,15 @@ class Reservation(NamedTuple):
         wait: seconds from ``now`` until the call may go (``0.0``: at once).
         shift: the bucket's total pause shift when the reservation was made (see :meth:`RedisBucketStore.check`).
         now: the Redis server's time of the reservation, seconds since the epoch (``0.0`` when ``wait`` is 0).
+        slot: the reservation's time less ``shift`` (server seconds; only when admitted with a wait, else
+            :data:`NO_SLOT`): pass it to :meth:`RedisBucketStore.refund` to give this reservation back.
     """
 
     admitted: bool
     wait: float
     shift: float
     now: float
+    slot: float = NO_SLOT
 
 
 class BucketState(NamedTuple):
@@ -434,16 +473,23 @@ class RedisBucketStore:
         )
         if reply == 0:
             return GO
-        admitted, wait, shift, now = _WAIT_REPLY.unpack(reply)
-        return Reservation(admitted == 1.0, wait, shift, now)
+        admitted, wait, shift, now, slot = _WAIT_REPLY.unpack(reply)
+        return Reservation(admitted == 1.0, wait, shift, now, slot)
 
     async def check(self, name: str) -> BucketState:
         """Read the bucket's pause state and schedule (read-only)."""
         return BucketState(*_STATE_REPLY.unpack(await self._run(name, _CHECK)))
 
-    async def refund(self, name: str, req_cost: float, tok_cost: float, burst: float) -> None:
-        """Give back capacity; the level never rises above capacity, nor above empty while a pause lasts."""
-        await self._run(name, _REFUND.pack(b"F", req_cost, tok_cost, burst))
+    async def refund(self, name: str, req_cost: float, tok_cost: float, burst: float, slot: float = NO_SLOT) -> None:
+        """Give back capacity; the level never rises above capacity, nor above empty while a pause lasts.
+
+        Args:
+            slot: a cancelled reservation's :attr:`Reservation.slot`: only the part of its cost no later
+                reservation depends on is given back, nothing once its time has come (see the module doc).
+                Without it the whole amount comes off the end of the schedule: right for the newest reservation
+                or tokens charged but not spent, not for an older reservation.
+        """
+        await self._run(name, _REFUND.pack(b"F", req_cost, tok_cost, burst, slot))
 
     async def debit(self, name: str, req_cost: float, tok_cost: float) -> None:
         """Charge extra cost now, without waiting (the level may go negative)."""

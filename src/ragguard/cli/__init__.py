@@ -1,4 +1,5 @@
-"""The ``ragguard`` command line: ``ragguard demo`` runs the Monday-morning scenario."""
+"""The ``ragguard`` command line: ``ragguard demo`` runs the Monday-morning scenario, ``ragguard loadtest`` load-tests
+your own code against the simulators, ``ragguard health`` reports readiness."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from ._report import missing_modules
+from .loadtest import add_loadtest_parser, run_from_args
 
 __all__ = ["build_parser", "main"]
 
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     demo.add_argument("--no-progress", action="store_true", help="no live progress bars (plain output)")
+    add_loadtest_parser(commands)
     return parser
 
 
@@ -91,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        # the demo drives the real SDKs against the simulators: say what to install rather than fail on an import
+        missing = missing_modules("openai", "starlette", "uvicorn", *(("pinecone",) if args.rag else ()))
+        if missing:
+            hint = " (or run it with --no-rag, which needs no index)" if missing == ["pinecone"] else ""
+            print(f"ragguard demo needs {', '.join(missing)}: pip install 'ragguard[cli]'{hint}")
+            return 2
         from .demo import DemoOptions, run_demo_cli
 
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -108,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             modes=modes,
         )
         return run_demo_cli(options, json_path=args.json, progress=not args.no_progress)
+    if args.command == "loadtest":
+        return run_from_args(args)
     if args.command == "health":
         return _health(args.redis, args.fail_closed)
     parser.print_help(sys.stderr)

@@ -42,6 +42,9 @@ from ..config import (
     TimeoutPolicy,
 )
 from ..degrade import last_degradation
+from ._report import percentile as _percentile
+from ._report import simulator_figures as _figures
+from ._report import theoretical_min_s
 
 __all__ = ["MODES", "DemoOptions", "DemoReport", "ModeResult", "WorkerResult", "run_demo", "run_demo_cli"]
 
@@ -234,14 +237,6 @@ def index_policy(options: DemoOptions, *, writes: bool = False) -> Policy:
     )
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[index]
-
-
 def _user_costs(options: DemoOptions) -> tuple[float, float]:
     """Tokens all users need at the provider if each is sent: embeddings bucket, chat bucket (charged as OpenAI
     does)."""
@@ -249,23 +244,6 @@ def _user_costs(options: DemoOptions) -> tuple[float, float]:
     embed = sum(estimate_text_tokens(q) for q in questions)
     chat = sum(estimate_chat_tokens(_messages(q)) + MAX_TOKENS for q in questions)
     return float(embed), float(chat)
-
-
-def theoretical_min_s(
-    requests: dict[str, float], tokens: dict[str, float], rpm: float, tpm: float, burst_s: float
-) -> float:
-    """The least wall time (s) the quota allows for these per-model request and token counts.
-
-    Each model has its own buckets refilling at ``rpm/60`` and ``tpm/60`` per second and starting full
-    (``burst_s`` seconds of refill), so a model needing ``R`` requests and ``T`` tokens needs at least
-    ``max((R - burst_R)/(rpm/60), (T - burst_T)/(tpm/60))`` seconds; the scenario needs the slowest model's.
-    """
-    need = 0.0
-    for model in set(requests) | set(tokens):
-        r = requests.get(model, 0.0)
-        t = tokens.get(model, 0.0)
-        need = max(need, (r - rpm / 60 * burst_s) / (rpm / 60), (t - tpm / 60 * burst_s) / (tpm / 60))
-    return max(0.0, need)
 
 
 async def _one_user(
@@ -567,18 +545,6 @@ def _index_simulator(options: DemoOptions) -> Any:
     if options.faults == "flaky":
         return PineconeSimulator(PineconeSimulatorConfig.flaky(**config))
     return PineconeSimulator(PineconeSimulatorConfig(**config))
-
-
-def _figures(stats: dict[str, Any]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
-    """Upstream requests, 429s, tokens charged, and per-model admitted requests and tokens."""
-    upstream = int(stats["requests_total"])
-    by_status = stats.get("responses_by_status", {})
-    too_many = int(by_status.get("429", by_status.get(429, 0)))
-    tokens = int(stats["tokens_admitted"])
-    buckets: dict[str, Any] = stats.get("buckets", {})
-    per_model_requests = {model: float(b["requests_admitted"]) for model, b in buckets.items()}
-    per_model_tokens = {model: float(b["tokens_admitted"]) for model, b in buckets.items()}
-    return upstream, too_many, tokens, per_model_requests, per_model_tokens
 
 
 async def run_demo(

@@ -10,13 +10,23 @@ import threading
 from collections import OrderedDict
 from typing import Any, Protocol, runtime_checkable
 
+import pydantic
+
 from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
+from ..config import CachePolicy
 
 __all__ = ["AsyncCacheStore", "CacheStore", "MemoryCacheStore", "is_async_store"]
 
 #: ``bytes`` under another name, for annotations inside a class that has a ``bytes`` property
 _Bytes = bytes
+
+#: the bounds of :class:`MemoryCacheStore`, checked by :class:`~ragguard.CachePolicy`'s rules (one source of truth)
+_BOUNDS = pydantic.create_model(
+    "MemoryCacheStore",
+    max_entries=(int, CachePolicy.model_fields["max_entries"]),
+    max_bytes=(int, CachePolicy.model_fields["max_bytes"]),
+)
 
 
 @runtime_checkable
@@ -101,12 +111,14 @@ class MemoryCacheStore:
     and ``expirations`` (TTL).
 
     Args:
-        max_entries: most entries held (``>= 1``).
-        max_bytes: most bytes of values held (``>= 1``).
+        max_entries: most entries held (an integer ``>= 1``, as :attr:`CachePolicy.max_entries
+            <ragguard.CachePolicy>`).
+        max_bytes: most bytes of values held (an integer ``>= 1``, as :attr:`CachePolicy.max_bytes
+            <ragguard.CachePolicy>`).
         clock: the clock TTLs are measured on.
 
     Raises:
-        ValueError: a bound is below 1.
+        pydantic.ValidationError: a bound that is not an integer ``>= 1`` (NaN included), naming it.
     """
 
     __slots__ = (
@@ -123,10 +135,9 @@ class MemoryCacheStore:
     )
 
     def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 2**20, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        if max_entries < 1 or max_bytes < 1:
-            raise ValueError("max_entries and max_bytes must be >= 1")
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
+        bounds = _BOUNDS(max_entries=max_entries, max_bytes=max_bytes).model_dump()
+        self.max_entries: int = bounds["max_entries"]
+        self.max_bytes: int = bounds["max_bytes"]
         self.clock = clock
         # key -> (value, absolute expiry time on ``clock``; math.inf when none); least recently used first
         self._data: OrderedDict[str, tuple[_Bytes, float]] = OrderedDict()

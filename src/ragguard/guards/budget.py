@@ -338,7 +338,7 @@ class SharedRetryBudget:
         store: a :class:`BudgetStore`, or an object with ``budget_store()`` such as a
             :class:`~ragguard.RedisBackend`.
         ratio, min_retries_per_s, window_s, buckets: as for :class:`RetryBudget` (retries per request, retries
-            per second, seconds, buckets).
+            per second, seconds, buckets), checked by :class:`~ragguard.RetryBudgetPolicy`'s rules.
         clock: this instance's clock (the local fallback, ``flush_interval`` and ``reconnect_interval``).
         on_unavailable: ``fail_open`` or ``fail_closed`` (default: the store's own setting).
         expected_instances: how many processes share the budget; the ``fail_open`` fallback's floor is divided
@@ -348,8 +348,10 @@ class SharedRetryBudget:
         reconnect_interval: seconds during which the store is not asked again after it failed.
 
     Raises:
-        ConfigError: an argument is out of range (as for :class:`RetryBudget`), a negative ``flush_interval`` or
-            ``reconnect_interval``, an ``expected_instances`` below 1, or an unknown ``on_unavailable``.
+        pydantic.ValidationError: ``ratio``, ``min_retries_per_s``, ``window_s`` or ``buckets`` outside
+            :class:`~ragguard.RetryBudgetPolicy`'s rules (NaN included), naming the field.
+        ConfigError: a negative ``flush_interval`` or ``reconnect_interval``, an ``expected_instances`` below 1,
+            or an unknown ``on_unavailable``.
 
     Example::
 
@@ -400,6 +402,7 @@ class SharedRetryBudget:
         flush_interval: float = 0.1,
         reconnect_interval: float = 1.0,
     ) -> None:
+        policy = RetryBudgetPolicy(ratio=ratio, min_retries_per_s=min_retries_per_s, window_s=window_s, buckets=buckets)
         resolved = store.budget_store() if isinstance(store, _HasBudgetStore) else store
         mode = on_unavailable if on_unavailable is not None else resolved.on_unavailable
         if mode not in ("fail_open", "fail_closed"):
@@ -413,15 +416,15 @@ class SharedRetryBudget:
             raise ConfigError(
                 f"reconnect_interval: expected a finite number of seconds >= 0, got {reconnect_interval!r}"
             )
-        if not (isinstance(min_retries_per_s, (int, float)) and 0.0 <= min_retries_per_s < math.inf):
-            raise ConfigError(f"min_retries_per_s: expected a finite number >= 0, got {min_retries_per_s!r}")
-        # the fallback validates ratio, window_s and buckets (one source of truth) and holds this process's share
-        local = RetryBudget(ratio, min_retries_per_s / share, window_s, buckets=buckets, clock=clock)
+        # the fallback holds this process's share
+        local = RetryBudget(
+            policy.ratio, policy.min_retries_per_s / share, policy.window_s, buckets=policy.buckets, clock=clock
+        )
         self.name = name
         self.store: BudgetStore = resolved
         self.clock = clock
         self.ratio = local.ratio
-        self.min_retries_per_s = float(min_retries_per_s)
+        self.min_retries_per_s = float(policy.min_retries_per_s)
         self.window_s = local.window_s
         self.buckets = local.buckets
         self.expected_instances = share

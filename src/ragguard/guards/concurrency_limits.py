@@ -16,7 +16,9 @@ no event loop: every time they see is passed in, so they are tested as pure func
 - :class:`GradientLimit` — Netflix ``Gradient2Limit``: grows while short-term latency stays near the long-term
   average, shrinks as it inflates (a queue is building up at the provider).
 
-Both keep the limit within ``[min_limit, max_limit]``.
+Both keep the limit within ``[min_limit, max_limit]``. Their settings are checked by the rules of
+:class:`~ragguard.AdaptiveConcurrencyPolicy` (one source of truth): an invalid one raises
+:class:`pydantic.ValidationError` naming the policy's field.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from typing import Protocol, runtime_checkable
 from ..config import AdaptiveConcurrencyPolicy
 
 __all__ = ["AIMDLimit", "GradientLimit", "LimitAlgorithm", "limit_from_policy"]
+
+
+def _bounds(checked: AdaptiveConcurrencyPolicy) -> tuple[int, int]:
+    """``max_limit`` and ``initial_limit``, which the policy may leave to the bulkhead (``None``) but an
+    algorithm needs."""
+    if checked.max_limit is None or checked.initial_limit is None:
+        raise TypeError("max_limit and initial_limit must be integers, not None")
+    return checked.max_limit, checked.initial_limit
 
 
 @runtime_checkable
@@ -53,13 +63,6 @@ class LimitAlgorithm(Protocol):
         ...
 
 
-def _check_bounds(min_limit: int, max_limit: int, initial_limit: int) -> None:
-    if not 1 <= min_limit <= max_limit:
-        raise ValueError(f"min_limit ({min_limit}) must be >= 1 and <= max_limit ({max_limit})")
-    if not min_limit <= initial_limit <= max_limit:
-        raise ValueError(f"initial_limit ({initial_limit}) must lie within [{min_limit}, {max_limit}]")
-
-
 class AIMDLimit:
     """Additive increase, multiplicative decrease, as Netflix's ``AIMDLimit``.
 
@@ -75,10 +78,12 @@ class AIMDLimit:
         max_limit: the ceiling (``>= min_limit``).
         initial_limit: the limit before any sample (within the bounds).
         backoff_ratio: the decrease factor, in ``[0.5, 1)`` (Netflix's default 0.9).
-        timeout: a sample longer than this many seconds counts as a drop (``None``: never).
+        timeout: a sample longer than this many seconds counts as a drop (finite, ``> 0``; ``None``: never).
 
     Raises:
-        ValueError: bounds out of order or a ratio outside ``[0.5, 1)``.
+        pydantic.ValidationError: a setting outside :class:`~ragguard.AdaptiveConcurrencyPolicy`'s rules (bounds
+            out of order, a ratio outside ``[0.5, 1)``, NaN…), naming the policy's field (``timeout`` is its
+            ``timeout_s``).
     """
 
     __slots__ = ("_backoff_ratio", "_decreased_at", "_limit", "_timeout", "max_limit", "min_limit")
@@ -92,16 +97,18 @@ class AIMDLimit:
         backoff_ratio: float = 0.9,
         timeout: float | None = None,
     ) -> None:
-        _check_bounds(min_limit, max_limit, initial_limit)
-        if not 0.5 <= backoff_ratio < 1.0:
-            raise ValueError(f"backoff_ratio must lie in [0.5, 1), got {backoff_ratio}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.min_limit = min_limit
-        self.max_limit = max_limit
-        self._limit = initial_limit
-        self._backoff_ratio = backoff_ratio
-        self._timeout = math.inf if timeout is None else timeout
+        checked = AdaptiveConcurrencyPolicy(
+            algorithm="aimd",
+            min_limit=min_limit,
+            max_limit=max_limit,
+            initial_limit=initial_limit,
+            backoff_ratio=backoff_ratio,
+            timeout_s=timeout,
+        )
+        self.min_limit = checked.min_limit
+        self.max_limit, self._limit = _bounds(checked)
+        self._backoff_ratio = checked.backoff_ratio
+        self._timeout = math.inf if checked.timeout_s is None else checked.timeout_s
         # admission time after which a drop may decrease again (one decrease per round)
         self._decreased_at = -math.inf
 
@@ -176,7 +183,8 @@ class GradientLimit:
         backoff_ratio: the decrease on a drop, in ``[0.5, 1)``.
 
     Raises:
-        ValueError: an out-of-range setting.
+        pydantic.ValidationError: a setting outside :class:`~ragguard.AdaptiveConcurrencyPolicy`'s rules, naming
+            it.
     """
 
     __slots__ = (
@@ -203,25 +211,25 @@ class GradientLimit:
         long_window: int = 600,
         backoff_ratio: float = 0.9,
     ) -> None:
-        _check_bounds(min_limit, max_limit, initial_limit)
-        if not 0.0 < smoothing <= 1.0:
-            raise ValueError(f"smoothing must lie in (0, 1], got {smoothing}")
-        if not rtt_tolerance >= 1.0:
-            raise ValueError(f"rtt_tolerance must be >= 1, got {rtt_tolerance}")
-        if queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        if long_window < 1:
-            raise ValueError(f"long_window must be >= 1, got {long_window}")
-        if not 0.5 <= backoff_ratio < 1.0:
-            raise ValueError(f"backoff_ratio must lie in [0.5, 1), got {backoff_ratio}")
-        self.min_limit = min_limit
-        self.max_limit = max_limit
-        self._estimate = float(initial_limit)
-        self._smoothing = smoothing
-        self._tolerance = rtt_tolerance
-        self._queue_size = queue_size
-        self._long = _ExpAverage(long_window)
-        self._backoff_ratio = backoff_ratio
+        checked = AdaptiveConcurrencyPolicy(
+            algorithm="gradient",
+            min_limit=min_limit,
+            max_limit=max_limit,
+            initial_limit=initial_limit,
+            smoothing=smoothing,
+            rtt_tolerance=rtt_tolerance,
+            queue_size=queue_size,
+            long_window=long_window,
+            backoff_ratio=backoff_ratio,
+        )
+        self.min_limit = checked.min_limit
+        self.max_limit, initial = _bounds(checked)
+        self._estimate = float(initial)
+        self._smoothing = checked.smoothing
+        self._tolerance = checked.rtt_tolerance
+        self._queue_size = checked.queue_size
+        self._long = _ExpAverage(checked.long_window)
+        self._backoff_ratio = checked.backoff_ratio
         self._decreased_at = -math.inf
 
     @property

@@ -21,12 +21,16 @@ the order they reserved (FIFO by construction), and over any window of ``t`` sec
 - A call whose wait would exceed ``min(max_wait, time left before its deadline)`` is refused at once with
   :class:`~ragguard.RateLimitTimeout`, consuming nothing (limits#221: we wait, but never pointlessly). A call
   that needs no wait is never refused.
-- A caller cancelled while waiting gives its reservation back (the level is capped at capacity), so
-  cancellation never leaks capacity; but only the part no later reservation depends on, as Go's
-  ``golang.org/x/time/rate`` ``Reservation.CancelAt`` does: a reservation remembers the bucket's ``tat`` right
-  after it was charged (``tat_after``), and gives back ``max(0, cost - (tat_now - tat_after'))``, where
-  ``tat_after'`` is ``tat_after`` moved by the shared pauses since. The callers scheduled after it keep their
-  times, so a newcomer can never take the same slot as one of them (the window bound holds).
+- A caller cancelled while waiting gives its reservation back (the level is capped at capacity), but only the
+  part no later reservation depends on, as Go's ``golang.org/x/time/rate`` ``Reservation.CancelAt`` does: it
+  gives back ``max(0, cost - (latest - at))`` seconds of refill, where ``at`` is its own time and ``latest`` the
+  latest time of any reservation made with a wait (both counted before shared pauses, which move the whole
+  schedule), and nothing once its time has come. The callers scheduled after it keep their times, so a
+  newcomer never takes the same slot as one of them and the window bound holds; the newest waiter gives back
+  its whole cost. (Measuring the later reservations by how far they pushed ``tat`` instead would give back
+  too much when one of them was charged from its own time, as happens when the other bucket delays it, or
+  after an oversize cost.) After a slower rate (below), the schedule was stretched under the waiters, so a
+  waiter reserved before it gives nothing back.
 
 Accounting (after a successful call; ``ctx.used_tokens`` comes from the provider's ``usage``)
 ---------------------------------------------------------------------------------------------
@@ -128,27 +132,17 @@ class _Reservation:
         wait: seconds from the reservation until the call may go.
         at: the call's time, in the frame of ``shift0`` (a slower rate moves it, see ``_retune``).
         shift0: the limiter's total pause shift when the reservation was made.
-        req_after, tok_after: each bucket's ``tat`` right after this reservation was charged.
+        epoch: the limiter's rate round then (a slower rate starts a new one).
         req_cost, tok_cost: what it charged, seconds of refill.
     """
 
-    __slots__ = ("at", "req_after", "req_cost", "shift0", "tok_after", "tok_cost", "wait")
+    __slots__ = ("at", "epoch", "req_cost", "shift0", "tok_cost", "wait")
 
-    def __init__(
-        self,
-        wait: float,
-        at: float,
-        shift0: float,
-        req_after: float,
-        tok_after: float,
-        req_cost: float,
-        tok_cost: float,
-    ) -> None:
+    def __init__(self, wait: float, at: float, shift0: float, epoch: int, req_cost: float, tok_cost: float) -> None:
         self.wait = wait
         self.at = at
         self.shift0 = shift0
-        self.req_after = req_after
-        self.tok_after = tok_after
+        self.epoch = epoch
         self.req_cost = req_cost
         self.tok_cost = tok_cost
 
@@ -204,6 +198,7 @@ class RateLimiter(GuardBase):
         "_epoch",
         "_follow_headers",
         "_jitter_cap",
+        "_last_slot",
         "_learn_limits",
         "_lock",
         "_max_wait",
@@ -270,6 +265,8 @@ class RateLimiter(GuardBase):
         # total seconds shared pauses have pushed the schedule back; a waiting caller compares it with the
         # value it saw when it reserved to learn how far its own reservation moved
         self._shift = 0.0
+        # the latest time of a reservation made with a wait, less the shift then (what _give_back compares with)
+        self._last_slot = -math.inf
         self._jitter_cap = 0.0
         self._reconcile = policy.accounting == "reconcile"
         self._follow_headers = policy.follow_headers
@@ -460,8 +457,10 @@ class RateLimiter(GuardBase):
                     self._tok_busy = at
                 if wait <= 0.0:
                     return None
-                # read under the lock: exact even when another thread pauses or reserves right after
-                return _Reservation(wait, at, self._shift, self._req_tat, self._tok_tat, req_cost, tok_cost)
+                shift = self._shift  # read under the lock: exact even if another thread pauses right after
+                if at - shift > self._last_slot:
+                    self._last_slot = at - shift
+                return _Reservation(wait, at, shift, self._epoch, req_cost, tok_cost)
         raise RateLimitTimeout(
             f"rate limiter {self.name!r} needs {wait:.3f} s before admitting the call; "
             f"the wait may last only {budget:.3f} s",
@@ -516,34 +515,37 @@ class RateLimiter(GuardBase):
     def _give_back(self, reservation: _Reservation) -> None:
         """Give back the part of an abandoned reservation that no later reservation depends on.
 
-        After Go's ``golang.org/x/time/rate`` ``Reservation.CancelAt``: what was charged after this reservation
-        (later reservations, debits, lowered levels) moved ``tat`` past ``tat_after`` (shifted by the pauses since);
-        that much of its cost stays charged, since the later callers were scheduled on top of it. Giving back the
-        full cost would let a newcomer take the same slot as a later waiter (more than ``capacity + rate·t``).
+        Go's ``golang.org/x/time/rate`` ``Reservation.CancelAt``: ``restore = tokens - (lastEvent - timeToAct)``
+        in units of refill, and nothing once ``timeToAct`` has passed. Each reservation made after this one was
+        scheduled with this one's cost in ``tat``; one that goes ``d`` seconds later than this one holds its
+        slot with at most ``cost - d`` of that cost to spare, so giving back more would let a newcomer share its
+        slot (more than ``capacity + rate·t``). Times are compared before pause shifts (a pause moves every
+        waiting reservation and ``tat`` alike). A call admitted at once is not tracked: it arrives before this
+        reservation's time, or after it, and then this one is due and gives nothing (a pause since moved ``tat``
+        as far as this reservation, which covers the difference).
         """
         with self._lock:
+            if reservation.epoch != self._epoch:
+                return  # a slower rate stretched the schedule under it: what it may give back is unknown
             now = self.clock.now()
-            moved = self._shift - reservation.shift0
+            shift = self._shift
+            slot = reservation.at - reservation.shift0
+            if slot + shift <= now:
+                return  # its time has come: the slot is spent
+            spare = reservation.req_cost if reservation.req_cost > reservation.tok_cost else reservation.tok_cost
+            later = self._last_slot - slot  # how much later the latest reservation goes, seconds
+            if later >= spare:
+                return
             paused_until = self._paused_until
             floor = paused_until + self._burst if paused_until > now else now
-            cost = reservation.req_cost
-            if cost:
-                tat = self._req_tat
-                covered = tat - (reservation.req_after + moved)
-                if covered > 0.0:
-                    cost -= covered
-                if cost > 0.0:
-                    tat -= cost
-                    self._req_tat = tat if tat > floor else floor
-            cost = reservation.tok_cost
-            if cost:
-                tat = self._tok_tat
-                covered = tat - (reservation.tok_after + moved)
-                if covered > 0.0:
-                    cost -= covered
-                if cost > 0.0:
-                    tat -= cost
-                    self._tok_tat = tat if tat > floor else floor
+            cost = reservation.req_cost - later
+            if cost > 0.0:
+                tat = self._req_tat - cost
+                self._req_tat = tat if tat > floor else floor
+            cost = reservation.tok_cost - later
+            if cost > 0.0:
+                tat = self._tok_tat - cost
+                self._tok_tat = tat if tat > floor else floor
 
     def refund(self, requests: float = 0.0, tokens: float = 0.0) -> None:
         """Give back capacity at the end of the schedule: the **newest** reservation only (a :meth:`reserve`

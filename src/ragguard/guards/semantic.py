@@ -21,7 +21,16 @@ from collections.abc import Sequence
 from operator import mul
 from typing import Protocol, runtime_checkable
 
+import pydantic
+
+from ..config import SemanticCachePolicy
+
 __all__ = ["InMemoryVectorIndex", "VectorIndex", "cosine_distance"]
+
+#: ``max_entries`` checked by :class:`~ragguard.SemanticCachePolicy`'s rule (one source of truth)
+_BOUNDS = pydantic.create_model(
+    "InMemoryVectorIndex", max_entries=(int, SemanticCachePolicy.model_fields["max_entries"])
+)
 
 
 def _unit(vector: Sequence[float]) -> tuple[float, ...] | None:
@@ -70,18 +79,17 @@ class InMemoryVectorIndex:
     CPython), so keep ``max_entries`` in the low thousands, or use a vector database as the index.
 
     Args:
-        max_entries: most vectors kept per partition (``>= 1``); the oldest is dropped to make room.
+        max_entries: most vectors kept per partition (an integer ``>= 1``, as :attr:`SemanticCachePolicy.max_entries
+            <ragguard.SemanticCachePolicy>`); the oldest is dropped to make room.
 
     Raises:
-        ValueError: ``max_entries < 1``.
+        pydantic.ValidationError: ``max_entries`` is not an integer ``>= 1`` (NaN included).
     """
 
     __slots__ = ("_lock", "_partitions", "max_entries")
 
     def __init__(self, max_entries: int = 2_000) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.max_entries = max_entries
+        self.max_entries: int = _BOUNDS(max_entries=max_entries).model_dump()["max_entries"]
         self._partitions: dict[str, OrderedDict[str, tuple[float, ...]]] = {}
         self._lock = threading.Lock()  # held for dict work only, never across an await
 

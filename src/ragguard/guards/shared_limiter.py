@@ -12,7 +12,9 @@ Each call is one round trip: the store reserves the call's requests *and* tokens
 :class:`~ragguard.RateLimitTimeout` is raised at once). A caller that had to wait makes one more round trip
 after its sleep, to follow a shared pause another instance set meanwhile (the pause then holds it too, with the
 same block shift and release jitter as the local limiter). A caller cancelled while waiting gives its
-reservation back (a shielded round trip, bounded by the backend timeout); the cancellation is re-raised.
+reservation back (a shielded round trip, bounded by the backend timeout); the cancellation is re-raised. It gives
+back only what no later reservation depends on (Go's ``Reservation.CancelAt``, as the local limiter: read
+``RateLimiter``'s module docstring), so no newcomer shares a slot with a caller scheduled after it.
 
 Fairness: reservations are first come, first served in the order the store executes them (Redis runs scripts
 one at a time). A waiting caller already holds its slot; newcomers are scheduled after it, so no caller is
@@ -74,11 +76,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import anyio
+import pydantic
 
 from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import MAX_HINT_SECONDS, RateLimitHeaders
+from ..backends.redis import RedisBackendOptions
 from ..config import RateLimitPolicy
 from ..errors import BackendUnavailable, RateLimitTimeout
 from .limiter import DEFAULT_PAUSE, PAUSE_JITTER_FRACTION, PAUSE_JITTER_INTERVALS, RateLimiter
@@ -124,6 +128,12 @@ class ReservationView(Protocol):
         """The store's time of the reservation, seconds (any origin; only differences are used)."""
         ...
 
+    @property
+    def slot(self) -> float:
+        """The reservation's time less :attr:`shift` (store time), passed back to :meth:`BucketStore.refund` when
+        its caller gives it up (``math.inf`` when it did not wait)."""
+        ...
+
 
 class BucketStateView(Protocol):
     """What :meth:`BucketStore.check` answers (store time, seconds)."""
@@ -163,7 +173,10 @@ class BucketStore(Protocol):
 
     async def check(self, name: str) -> BucketStateView: ...
 
-    async def refund(self, name: str, req_cost: float, tok_cost: float, burst: float) -> None: ...
+    async def refund(self, name: str, req_cost: float, tok_cost: float, burst: float, slot: float = math.inf) -> None:
+        """Give capacity back: a reservation's (``slot``: only what no later reservation depends on), or, with
+        ``slot=math.inf``, the whole amount off the end of the schedule."""
+        ...
 
     async def debit(self, name: str, req_cost: float, tok_cost: float) -> None: ...
 
@@ -178,6 +191,12 @@ class BucketStoreProvider(Protocol):
     """Something that makes a :class:`BucketStore`, e.g. :class:`ragguard.RedisBackend`."""
 
     def bucket_store(self) -> BucketStore: ...
+
+
+#: ``expected_instances`` checked by :class:`~ragguard.RedisBackendOptions`'s rule (one source of truth)
+_INSTANCES = pydantic.create_model(
+    "SharedRateLimiter", expected_instances=(int, RedisBackendOptions.model_fields["expected_instances"])
+)
 
 
 class _StoreSkipped(Exception):
@@ -244,16 +263,18 @@ class SharedRateLimiter(GuardBase):
             Redis key, never stored in clear.
         clock: the clock waits are slept on (bucket arithmetic uses the store's clock).
         on_unavailable: ``fail_open`` or ``fail_closed`` (default: the store's own setting, else ``fail_open``).
-        expected_instances: how many processes share the bucket; the ``fail_open`` fallback allows this process
+        expected_instances: how many processes share the bucket, ``1..100_000`` as for
+            :class:`~ragguard.RedisBackendOptions`; the ``fail_open`` fallback allows this process
             ``1/expected_instances`` of each rate (default: the store's setting, else 1).
-        lease: opt-in lease mode: requests per lease (``None``: strict mode, one round trip per call).
+        lease: opt-in lease mode: requests per lease, an integer ``>= 1`` (:attr:`RateLimitPolicy.lease
+            <ragguard.RateLimitPolicy>`; ``None``: strict mode, one round trip per call).
         backend_retry_after: seconds after a store failure during which the store is not tried again.
         rng: the random source of the release jitter.
 
     Raises:
-        pydantic.ValidationError: an invalid rate-limit setting, naming the field.
-        ValueError: ``lease`` below 1, ``expected_instances`` below 1, a negative ``backend_retry_after``, or an
-            unknown ``on_unavailable``.
+        pydantic.ValidationError: an invalid rate-limit setting, ``lease`` or ``expected_instances``, naming the
+            field.
+        ValueError: a negative ``backend_retry_after``, or an unknown ``on_unavailable``.
 
     Example::
 
@@ -325,8 +346,10 @@ class SharedRateLimiter(GuardBase):
             follow_headers=follow_headers,
             share_retry_after=share_retry_after,
             max_wait=max_wait,
+            lease=lease,
         )
         policy = self.policy
+        lease = policy.lease
         make = getattr(store, "bucket_store", None)
         self._store: BucketStore = make() if callable(make) else store  # type: ignore[assignment]
         if on_unavailable is None:
@@ -334,11 +357,8 @@ class SharedRateLimiter(GuardBase):
         if on_unavailable not in ("fail_open", "fail_closed"):
             raise ValueError(f"on_unavailable must be 'fail_open' or 'fail_closed', got {on_unavailable!r}")
         if expected_instances is None:
-            expected_instances = int(getattr(self._store, "expected_instances", 1))
-        if expected_instances < 1:
-            raise ValueError(f"expected_instances must be >= 1, got {expected_instances!r}")
-        if lease is not None and lease < 1:
-            raise ValueError(f"lease must be >= 1 request, got {lease!r}")
+            expected_instances = getattr(self._store, "expected_instances", 1)
+        expected_instances = _INSTANCES(expected_instances=expected_instances).model_dump()["expected_instances"]
         if not backend_retry_after >= 0.0:
             raise ValueError(f"backend_retry_after must be >= 0 seconds, got {backend_retry_after!r}")
         self.name = name
@@ -520,10 +540,10 @@ class SharedRateLimiter(GuardBase):
                     break
                 delay = target - state.now
         except BaseException:
-            await self._refund_quietly(req_cost, tok_cost)
+            await self._refund_quietly(req_cost, tok_cost, reply.slot)
             raise
         if late >= 0.0:
-            await self._refund_quietly(req_cost, tok_cost)
+            await self._refund_quietly(req_cost, tok_cost, reply.slot)
             raise RateLimitTimeout(
                 f"rate limiter {self.name!r} was paused by the provider: {late:.3f} s more to wait, "
                 f"the wait may last only {left:.3f} s more",
@@ -531,14 +551,15 @@ class SharedRateLimiter(GuardBase):
                 remaining=left,
             )
 
-    async def _refund_quietly(self, req_cost: float, tok_cost: float) -> None:
-        """Give a reservation back, shielded from cancellation (bounded by the store's timeout); a store
-        failure is noted, not raised."""
+    async def _refund_quietly(self, req_cost: float, tok_cost: float, slot: float) -> None:
+        """Give a reservation back (only what no later reservation depends on: ``slot``, see
+        :meth:`BucketStore.refund`), shielded from cancellation (bounded by the store's timeout); a store failure
+        is noted, not raised."""
         if not (req_cost or tok_cost):
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self._store.refund(self.name, req_cost, tok_cost, self._burst)
+                await self._store.refund(self.name, req_cost, tok_cost, self._burst, slot)
             except BackendUnavailable as exc:
                 self._note_failure(exc)
             except Exception:  # noqa: S110 - nothing may replace the cancellation or refusal being raised
@@ -770,7 +791,11 @@ class SharedRateLimiter(GuardBase):
         self.round_trips += 1
 
     async def refund(self, requests: float = 0.0, tokens: float = 0.0) -> None:
-        """Give capacity back to the shared bucket (never above capacity, nor above empty during a pause).
+        """Give capacity back to the shared bucket (never above capacity, nor above empty during a pause), off the
+        end of the schedule: for the **newest** reservation only (a call :meth:`acquire` admitted but that was
+        not made, before anyone else reserved), or tokens charged but not spent. Giving back an older reservation
+        this way, after later ones were made in any instance, would let a newcomer share a slot with one of them;
+        a caller cancelled while waiting gives its own reservation back, clamped (see the module doc).
 
         Raises:
             BackendUnavailable: the store could not answer.
