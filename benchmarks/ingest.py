@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import sys
 import time
 from typing import Any
 
@@ -72,7 +74,7 @@ async def naive(host: str, batch: list[dict[str, Any]]) -> None:
 
 
 async def guarded(host: str, batch: list[dict[str, Any]], write_rps: float) -> None:
-    policy = ragguard.Policy(rate_limit={"rpm": write_rps * 60, "burst_seconds": 0.7})
+    policy = ragguard.Policy(rate_limit={"rpm": write_rps * 60, "burst_seconds": 0.7})  # type: ignore[arg-type]
     index = ragguard.guard(Pinecone(api_key="bench").IndexAsyncio(host=host), policy, backend=ragguard.MemoryBackend())
     try:
         with anyio.move_on_after(CAP_S):
@@ -81,7 +83,8 @@ async def guarded(host: str, batch: list[dict[str, Any]], write_rps: float) -> N
         await index.close()
 
 
-async def main(n: int, write_rps: float) -> None:
+async def measure(n: int, write_rps: float) -> list[tuple[str, float, int, int, int]]:
+    """Both modes, one after the other: (mode, wall s, vectors stored, requests, 429s) each."""
     batch = vectors(n)
     config = PineconeSimulatorConfig(dimension=DIMENSION, write_rps=write_rps, retry_after="fractional")
     rows: list[tuple[str, float, int, int, int]] = []
@@ -108,24 +111,71 @@ async def main(n: int, write_rps: float) -> None:
                         int(statuses.get("429", statuses.get(429, 0))),
                     )
                 )
+    return rows
+
+
+def report(rows: list[tuple[str, float, int, int, int]], n: int, write_rps: float) -> list[dict[str, Any]]:
+    """Print the table; the JSON-ready rows."""
     best = next(stored / wall for mode, wall, stored, _, _ in rows if mode == "guarded")
     table = Table(
-        title=f"Ingesting {n:,} vectors (dimension {DIMENSION}, metadata), write limit {write_rps:g} upserts/s"
+        title=f"Ingesting {n:,} vectors (dimension {DIMENSION}, metadata), write limit {write_rps:g} upserts/s",
+        caption="stored, requests, 429s: as the simulator counted them · vectors/s: stored ÷ wall · vs guarded: "
+        "this mode's vectors/s ÷ guarded's",
     )
     for header in ("mode", "wall s", "stored", "requests", "429s", "vectors/s", "vs guarded"):
         table.add_column(header, justify="left" if header == "mode" else "right")
+    out: list[dict[str, Any]] = []
     for mode, wall, stored, requests, too_many in rows:
         rate = stored / wall if wall else 0.0
         table.add_row(
             mode, f"{wall:.2f}", f"{stored:,}", f"{requests:,}", f"{too_many:,}", f"{rate:,.0f}", f"{rate / best:.3f}×"
         )
-    Console().print(table)
+        out.append(
+            {
+                "mode": mode,
+                "wall_s": round(wall, 4),
+                "stored": stored,
+                "requests": requests,
+                "429s": too_many,
+                "vectors_per_s": round(rate, 1),
+                "ratio_to_guarded": rate / best,
+            }
+        )
+    Console(width=None if sys.stdout.isatty() else 150).print(table)
+    guarded = next(r for r in out if r["mode"] == "guarded")
+    naive = next((r for r in out if r["mode"] == "naive"), None)
+    if naive is not None and naive["vectors_per_s"]:
+        print(
+            f"guarded: {guarded['vectors_per_s'] / naive['vectors_per_s']:,.0f}× naive's vectors/s, stored "
+            f"{guarded['stored']:,} vs {naive['stored']:,} of {n:,}, with {guarded['requests']:,} requests vs "
+            f"{naive['requests']:,}"
+        )
+    return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ingest",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     parser.add_argument("--quick", action="store_true", help="1,000 vectors instead of 5,000")
     parser.add_argument("--vectors", type=int, default=None, help="how many vectors to ingest")
     parser.add_argument("--write-rps", type=float, default=20.0, help="the index's write limit (default 20/s)")
-    args = parser.parse_args()
-    anyio.run(main, args.vectors or (1_000 if args.quick else 5_000), args.write_rps)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+    n = args.vectors or (1_000 if args.quick else 5_000)
+    rows = anyio.run(measure, n, args.write_rps)
+    results = report(rows, n, args.write_rps)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(
+                {"benchmark": "benchmarks.ingest", "vectors": n, "write_rps": args.write_rps, "modes": results},
+                out,
+                indent=2,
+            )
+            out.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

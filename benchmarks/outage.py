@@ -358,12 +358,12 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> list[dict[str
         if r.policy is not None and r.policy.breaker.enabled:
             open_s = r.policy.breaker.open_duration
             first = r.first_success
-            verdict = (
+            recovery = (
                 "[green]within one open interval[/]" if first is not None and first <= open_s else "[red]not within[/]"
             )
             console.print(
                 f"{r.mode}: first success {_seconds(first)} s and steady {_seconds(r.steady)} s after the outage's "
-                f"end; breaker open_duration {open_s:g} s: {verdict}"
+                f"end; breaker open_duration {open_s:g} s: {recovery}"
             )
     return rows
 

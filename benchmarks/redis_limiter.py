@@ -203,10 +203,10 @@ async def run(url: str, rounds: int, seconds: float, concurrency: list[int]) -> 
     return cases
 
 
-def report(cases: list[Case], concurrency: list[int], rounds: int, seconds: float) -> None:
+def report(cases: list[Case], concurrency: list[int], rounds: int, seconds: float, server: str = "?") -> None:
     print(
         f"\nRedis limiter acquires per second (median of {rounds} rounds × {seconds:g} s; ratio: to the floor of "
-        f"the same round)\npython {platform.python_version()}, redis-py {version('redis')}, limits "
+        f"the same round)\nRedis {server}, python {platform.python_version()}, redis-py {version('redis')}, limits "
         f"{version('limits')}, throttled-py {version('throttled-py')}\n"
     )
     header = f"{'case':44s}" + "".join(f"{f'{t} task' + ('s' if t > 1 else ''):>24s}" for t in concurrency)
@@ -237,6 +237,11 @@ def report(cases: list[Case], concurrency: list[int], rounds: int, seconds: floa
         )
 
 
+#: exit status of a benchmark that could not run here (no redis-server, a library missing): the autotools
+#: convention for a skipped test, which ``python -m benchmarks`` reports as "skipped"
+SKIPPED = 77
+
+
 @contextlib.contextmanager
 def redis_url(given: str | None) -> Iterator[str]:
     if given:
@@ -248,8 +253,24 @@ def redis_url(given: str | None) -> Iterator[str]:
         yield server.url
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def redis_version(url: str) -> str:
+    """The server's ``redis_version`` (``INFO server``), or ``"?"``."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url)
+        try:
+            return str(client.info("server").get("redis_version", "?"))
+        finally:
+            client.close()
+    except Exception:  # a version we cannot read is no reason to stop the benchmark
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.redis_limiter", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     parser.add_argument("--redis-url", help="use this Redis (it gets keys under bench:/LIMITS/throttled)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 7, --quick 3)")
@@ -260,17 +281,47 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (3 if args.quick else 7)
     seconds = args.seconds or (0.15 if args.quick else 0.4)
     concurrency = args.tasks or [1, 64]
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        print("redis_limiter skipped: redis-py is not installed (pip install -e '.[dev]')")
+        return SKIPPED
+    if not args.redis_url:
+        from ragguard.testing.redis_server import find_redis_server
+
+        try:
+            find_redis_server()
+        except RuntimeError as exc:
+            print(f"redis_limiter skipped: {exc}")
+            return SKIPPED
     with redis_url(args.redis_url) as url:
+        server_version = redis_version(url)
         cases = asyncio.run(run(url, rounds, seconds, concurrency))
-    report(cases, concurrency, rounds, seconds)
+    report(cases, concurrency, rounds, seconds, server_version)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {c.label: {"error": c.error, "rates": c.rates, "ratios": c.ratios} for c in cases},
+                {
+                    "benchmark": "benchmarks.redis_limiter",
+                    "redis_version": server_version,
+                    "rounds": rounds,
+                    "seconds": seconds,
+                    "cases": {
+                        c.label: {
+                            "error": c.error,
+                            "rates": c.rates,
+                            "ratios": c.ratios,
+                            "median_rate": {t: statistics.median(r) for t, r in c.rates.items()},
+                            "median_ratio": {t: statistics.median(r) for t, r in c.ratios.items()},
+                        }
+                        for c in cases
+                    },
+                },
                 f,
                 indent=2,
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
