@@ -84,6 +84,11 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
         redis.exceptions.BusyLoadingError,
         redis.exceptions.ClusterDownError,
         redis.exceptions.TryAgainError,
+        # a full Redis (maxmemory + noeviction), a replica that cannot take writes, a primary gone: the shared
+        # state cannot be kept, which is "unavailable" (fail_open / fail_closed), not a provider failure to retry
+        redis.exceptions.OutOfMemoryError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.MasterDownError,
         *_UNAVAILABLE_ERRORS,
     )
 

@@ -44,7 +44,14 @@ Headers
 Faults (seeded: the same seed gives the same sequence of outcomes for the same sequence of requests)
     ``error_rate`` (half 500, half 503), ``drop_rate`` (the connection is closed without a response: the
     client sees a connection error), ``stall_rate`` (the answer is held ``stall_s`` seconds, past a client's
-    attempt timeout), ``stream_break_rate`` (a streamed answer is cut after its first chunk).
+    attempt timeout), ``stream_break_rate`` (a streamed answer is cut after its first chunk: the connection
+    closed mid-body with ``stream_break_style="disconnect"``, or a truncated SSE stream, ended cleanly without
+    its final chunk and ``[DONE]``, with ``"truncate"``), ``slow_rate`` (the right answer, ``slow_s`` seconds
+    late: slower than usual, yet within a client's attempt timeout), ``malformed_rate`` (a 200 whose JSON body
+    is cut in half; for a stream, its first event's JSON is cut and the body ends there),
+    ``wrong_content_type_rate`` (a 200 with a ``text/html`` page, as a misbehaving proxy sends, instead of
+    JSON or an event stream). :meth:`OpenAISimulator.configure` (``POST /_sim/config``) changes the rates
+    while the simulator runs, e.g. to end a burst of errors.
 
 Outage (not random: a period of time)
     For ``outage_s`` seconds every ``/v1`` request is answered 500 with OpenAI's ``server_error`` body after
@@ -88,7 +95,7 @@ from ._content import (
     vector_to_base64,
     words_embedding_vector,
 )
-from ._faults import FAULT_KINDS, FaultKind, FaultRoller, LatencyModel
+from ._faults import ALL_FAULT_KINDS, FaultKind, FaultRoller, LatencyModel
 from ._ratelimit import Account, Rejection, format_go_duration
 from ._serve import CLOSE_CONNECTION_EXTENSION, config_from_flags, simulator_main
 
@@ -194,6 +201,14 @@ class SimulatorConfig(BaseModel):
     #: how a stream is cut: ``disconnect`` closes the connection mid-body (the client sees a connection
     #: error); ``truncate`` ends the body cleanly without ``[DONE]`` or a finish reason (silently short)
     stream_break_style: Literal["disconnect", "truncate"] = "disconnect"
+    #: answered correctly, ``slow_s`` seconds late (before the first chunk of a stream)
+    slow_rate: float = Field(default=0.0, ge=0, le=1)
+    #: how late a slow answer is, seconds (meant to stay under a client's attempt timeout, unlike a stall)
+    slow_s: float = Field(default=1.0, ge=0, le=3600)
+    #: answered 200 with a truncated, invalid JSON body (a stream: its first event's JSON cut, then the end)
+    malformed_rate: float = Field(default=0.0, ge=0, le=1)
+    #: answered 200 with a ``text/html`` page instead of JSON or an event stream
+    wrong_content_type_rate: float = Field(default=0.0, ge=0, le=1)
 
     # --- outage: every /v1 request answered 500 for a period ---
     #: seconds after the simulator starts (or is reset) at which an outage of ``outage_s`` begins (``None``: none
@@ -204,9 +219,20 @@ class SimulatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:
-        total = self.error_rate + self.drop_rate + self.stall_rate + self.stream_break_rate
+        total = (
+            self.error_rate
+            + self.drop_rate
+            + self.stall_rate
+            + self.stream_break_rate
+            + self.slow_rate
+            + self.malformed_rate
+            + self.wrong_content_type_rate
+        )
         if total > 1.0 + 1e-9:
-            raise ValueError(f"error_rate + drop_rate + stall_rate + stream_break_rate must be <= 1, not {total:g}")
+            raise ValueError(
+                "error_rate + drop_rate + stall_rate + stream_break_rate + slow_rate + malformed_rate + "
+                f"wrong_content_type_rate must be <= 1, not {total:g}"
+            )
         if self.outage_start_s is not None and self.outage_s <= 0:
             raise ValueError("outage_s must be > 0 seconds when outage_start_s schedules an outage")
         if self.per_model and self.scope == "pooled":
@@ -275,8 +301,9 @@ class SimulatorStats(BaseModel):
     responses_by_status: dict[int, int] = Field(default_factory=dict)
     #: 429s by type: ``requests``, ``tokens``, ``insufficient_quota``
     rate_limited: dict[str, int] = Field(default_factory=dict)
-    #: faults injected by kind: ``drop``, ``error_500``, ``error_503``, ``stall``, ``stream_break``, and
-    #: ``outage`` (requests answered 500 because an outage was under way)
+    #: faults injected by kind: ``drop``, ``error_500``, ``error_503``, ``stall``, ``stream_break``, ``slow``,
+    #: ``malformed``, ``wrong_content_type``, and ``outage`` (requests answered 500 because an outage was under
+    #: way)
     faults: dict[str, int] = Field(default_factory=dict)
     requests_admitted: int = 0
     tokens_admitted: int = 0
@@ -287,6 +314,14 @@ class SimulatorStats(BaseModel):
     #: when the current, last or next scheduled outage starts and ends (``None``: there is none)
     outage_started_at: float | None = None
     outage_ends_at: float | None = None
+    #: ``/v1`` requests being answered at the moment of the snapshot (a gauge: a load test that has finished
+    #: and still sees some here left connections open, e.g. stalled requests whose client never went away)
+    in_flight: int = 0
+
+    @property
+    def faults_total(self) -> int:
+        """Every fault injected, outage answers included."""
+        return sum(self.faults.values())
 
     @property
     def rate_limited_total(self) -> int:
@@ -313,7 +348,7 @@ class _Counters:
         self.by_model: dict[str, int] = {}
         self.by_status: dict[int, int] = {}
         self.rate_limited = {"requests": 0, "tokens": 0, "insufficient_quota": 0}
-        self.faults: dict[str, int] = {**dict.fromkeys(FAULT_KINDS, 0), "outage": 0}
+        self.faults: dict[str, int] = {**dict.fromkeys(ALL_FAULT_KINDS, 0), "outage": 0}
         self.first: float | None = None
         self.last: float | None = None
 
@@ -593,6 +628,13 @@ _PREPARE: dict[str, Callable[[dict[str, Any], str], _Job]] = {
 }
 
 
+#: what a misconfigured proxy or captive portal answers with a 200 (``wrong_content_type``)
+_HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Service Temporarily Unavailable</title></head>\n"
+    b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again later.</p></body></html>\n"
+)
+
+
 def _sse(payload: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + _dumps(payload) + b"\n\n"
@@ -629,13 +671,9 @@ class OpenAISimulator:
         self._lock = threading.Lock()
         self._accounts: dict[str, Account] = {}
         self._counters = _Counters()
-        self._faults = FaultRoller(
-            seed=config.seed,
-            drop_rate=config.drop_rate,
-            error_rate=config.error_rate,
-            stall_rate=config.stall_rate,
-            stream_break_rate=config.stream_break_rate,
-        )
+        #: ``/v1`` requests being answered (a gauge: not zeroed by reset, those requests are still running)
+        self._in_flight = 0
+        self._faults = self._fault_roller(config)
         self._latency = LatencyModel(
             seed=config.seed,
             base=config.base_latency_s,
@@ -645,9 +683,57 @@ class OpenAISimulator:
         )
         self._outage = self._scheduled_outage(clock())
 
+    @staticmethod
+    def _fault_roller(config: SimulatorConfig) -> FaultRoller:
+        return FaultRoller(
+            seed=config.seed,
+            drop_rate=config.drop_rate,
+            error_rate=config.error_rate,
+            stall_rate=config.stall_rate,
+            stream_break_rate=config.stream_break_rate,
+            slow_rate=config.slow_rate,
+            malformed_rate=config.malformed_rate,
+            wrong_content_type_rate=config.wrong_content_type_rate,
+        )
+
     @property
     def config(self) -> SimulatorConfig:
         return self._config
+
+    def configure(self, **fields: Any) -> SimulatorConfig:
+        """Change settings while the simulator runs (e.g. a burst of errors that ends, a quota that shrinks).
+
+        Fault rates and latency apply to requests admitted from now on; the seeded sequences carry on where they
+        were (``seed`` itself is not changed here: :meth:`reset` rewinds to it). Changing a rate limit
+        (``rpm``, ``tpm``, ``burst_seconds``, ``scope``, ``per_model``) starts every bucket afresh, full.
+        Outage settings apply to the next :meth:`reset` or :meth:`start_outage`. Safe to call from any thread
+        (``POST /_sim/config`` with a JSON object of fields does the same over HTTP).
+
+        Returns:
+            the new config.
+
+        Raises:
+            pydantic.ValidationError: an invalid value or an unknown field, naming it; nothing is changed.
+            ValueError: ``seed`` was given.
+        """
+        if "seed" in fields:
+            raise ValueError("the seed cannot change while the simulator runs: make a new one, or reset() it")
+        config = SimulatorConfig.model_validate({**self._config.model_dump(), **fields})
+        limits = ("rpm", "tpm", "burst_seconds", "scope", "per_model")
+        roller = self._fault_roller(config)
+        with self._lock:
+            old = self._config
+            roller.continue_from(self._faults)
+            self._faults = roller
+            latency = self._latency
+            latency.base = config.base_latency_s
+            latency.per_token = config.per_token_latency_s
+            latency.per_input_token = config.per_input_token_latency_s
+            latency.jitter = config.jitter
+            if any(getattr(old, name) != getattr(config, name) for name in limits):
+                self._accounts.clear()
+            self._config = config
+        return config
 
     def __repr__(self) -> str:
         return f"OpenAISimulator({self._config!r})"
@@ -682,6 +768,7 @@ class OpenAISimulator:
                 last_request_at=c.last,
                 outage_started_at=self._outage[0] if self._outage is not None else None,
                 outage_ends_at=self._outage[1] if self._outage is not None else None,
+                in_flight=self._in_flight,
             )
 
     def reset(self) -> None:
@@ -764,9 +851,15 @@ class OpenAISimulator:
             if root and path.startswith(root):
                 path = path[len(root) :]
             if path.startswith("/_sim/"):
-                await self._admin(scope["method"], path, scope.get("query_string", b""), send)
+                await self._admin(scope, path, receive, send)
             else:
-                await self._api(scope, path, receive, send)
+                with self._lock:
+                    self._in_flight += 1
+                try:
+                    await self._api(scope, path, receive, send)
+                finally:
+                    with self._lock:
+                        self._in_flight -= 1
         elif kind == "lifespan":
             while True:
                 message = await receive()
@@ -776,8 +869,12 @@ class OpenAISimulator:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
 
-    async def _admin(self, method: str, path: str, query: bytes, send: Send) -> None:
-        if method == "POST" and path == "/_sim/outage":
+    async def _admin(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        query: bytes = scope.get("query_string", b"")
+        if method == "POST" and path == "/_sim/config":
+            await self._admin_configure(scope, receive, send)
+        elif method == "POST" and path == "/_sim/outage":
             values = urllib.parse.parse_qs(query.decode("latin-1")).get("seconds")
             try:
                 seconds = float(values[-1]) if values else None
@@ -795,6 +892,22 @@ class OpenAISimulator:
             await self._send(send, 200, self._config.model_dump(mode="json"), [])
         else:
             await self._send(send, 404, {"error": {"message": f"Invalid URL ({method} {path})"}}, [])
+
+    async def _admin_configure(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /_sim/config`` with a JSON object of fields: :meth:`configure`; answers the new config."""
+        try:
+            raw = await Request(scope, receive).body()
+        except ClientDisconnect:
+            return
+        try:
+            fields = json.loads(raw) if raw else {}
+            if not isinstance(fields, dict):
+                raise ValueError("the body must be a JSON object of SimulatorConfig fields")
+            config = self.configure(**fields)
+        except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
+            await self._send(send, 400, {"error": {"message": str(exc), "type": "invalid_request_error"}}, [])
+            return
+        await self._send(send, 200, config.model_dump(mode="json"), [])
 
     @staticmethod
     async def _send(send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]]) -> None:
@@ -1044,10 +1157,16 @@ class OpenAISimulator:
             return
         if fault == "stall" and await self._stall(self._config.stall_s, receive):
             return  # the client gave up
+        if fault == "slow" and await self._stall(self._config.slow_s, receive):
+            return
         if job.settle:
             with self._lock:
                 account.debit(job.settle, self._clock())
         if job.stream:
+            if fault == "malformed" or fault == "wrong_content_type":
+                await anyio.sleep(latency.base * factor)
+                await self._send_bad_body(send, job, account, request_id, fault)
+                return
             await self._stream(scope, receive, send, job, account, factor, request_id, fault == "stream_break")
             return
         if job.endpoint == _EMBEDDINGS:
@@ -1056,12 +1175,44 @@ class OpenAISimulator:
             delay = latency.base + latency.per_token * job.completion_tokens
         if delay > 0:
             await anyio.sleep(delay * factor)
+        if fault == "malformed" or fault == "wrong_content_type":
+            await self._send_bad_body(send, job, account, request_id, fault)
+            return
         payload = self._render(job)
         with self._lock:
             self._status(200)
         headers = self._answer_headers(account, request_id)
         headers.append((b"openai-processing-ms", str(round(delay * factor * 1000)).encode()))
         await self._send(send, 200, payload, headers)
+
+    async def _send_bad_body(
+        self, send: Send, job: _Job, account: Account, request_id: bytes, fault: FaultKind
+    ) -> None:
+        """A 200 the client cannot use: JSON cut in half (``malformed``), or an HTML page (``wrong_content_type``)."""
+        if fault == "malformed":
+            if job.stream:
+                first = self._stream_events(job, 0.0)[0][1]
+                # the first event's JSON cut in half, then the end of the body
+                body = first[: len(first) // 2] + b"\n\n"
+                content_type = b"text/event-stream; charset=utf-8"
+            else:
+                whole = _dumps(self._render(job))
+                body = whole[: len(whole) // 2]
+                content_type = b"application/json"
+        else:
+            body = _HTML_PAGE
+            content_type = b"text/html; charset=utf-8"
+        with self._lock:
+            self._status(200)
+        headers = self._answer_headers(account, request_id)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _stall(self, seconds: float, receive: Receive) -> bool:
         """Wait ``seconds``; return ``True`` early if the client disconnects meanwhile."""
@@ -1390,6 +1541,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-s", type=float, help="stall length, seconds")
     parser.add_argument("--stream-break-rate", type=float, help="share of streams cut after the first chunk")
     parser.add_argument(
+        "--stream-break-style", choices=["disconnect", "truncate"], help="how a stream is cut (default disconnect)"
+    )
+    parser.add_argument("--slow-rate", type=float, help="share of answers sent late (within a client's timeout)")
+    parser.add_argument("--slow-s", type=float, help="how late a slow answer is, seconds")
+    parser.add_argument("--malformed-rate", type=float, help="share of 200s with truncated, invalid JSON")
+    parser.add_argument("--wrong-content-type-rate", type=float, help="share of 200s with an HTML page")
+    parser.add_argument(
         "--outage-start", dest="outage_start_s", type=float, help="seconds after start at which an outage begins"
     )
     parser.add_argument(
@@ -1415,6 +1573,11 @@ _FLAG_FIELDS = (
     "stall_rate",
     "stall_s",
     "stream_break_rate",
+    "stream_break_style",
+    "slow_rate",
+    "slow_s",
+    "malformed_rate",
+    "wrong_content_type_rate",
     "outage_start_s",
     "outage_s",
 )
