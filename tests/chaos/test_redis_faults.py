@@ -24,8 +24,8 @@ each with ``on_unavailable="fail_open"`` and ``"fail_closed"``. Invariants check
 - after closing the clients and backends: Redis ``CLIENT LIST``, the proxy and the simulator's port are back to
   their baseline connection counts, and no asyncio task is left behind.
 
-Bugs these tests found in ``src/ragguard`` are kept as strict xfails (see ``FAIL_OPEN_OVERLAP`` and
-``REDIS_FULL_UNTYPED``), raising the one violation they expect, so that any other broken invariant still fails.
+Bugs these tests found in ``src/ragguard`` are kept as strict xfails (see ``FAIL_OPEN_OVERLAP``), raising the
+one violation they expect, so that any other broken invariant still fails.
 
 Fast tier (default): one fault of 3 s in 6 s of load per test. Long tier (``--long``): six faults of 8 s in
 about 100 s of load per test, at a higher rate. redis-py's asyncio client runs on asyncio only: no trio turn.
@@ -552,18 +552,6 @@ FAIL_OPEN_OVERLAP = pytest.mark.xfail(
     reason="fail_open switches between the Redis bucket and the local share without carrying over the "
     "reservations still waiting on the path left behind: both paths' admissions add up and exceed the quota",
 )
-#: RedisBackend.execute and RedisBucketStore._run (src/ragguard/backends/): an OOM reply is no "unavailable" error
-_OOM_REASON = (
-    "an OOM error reply (Redis full, noeviction) is not turned into BackendUnavailable: the raw ResponseError "
-    "reaches the retry layer, which retries it as a provider failure and gives up with RetryExhausted / "
-    "RetryBudgetExhausted, in fail_open too"
-)
-REDIS_FULL_UNTYPED = pytest.mark.xfail(strict=True, raises=RedisErrorReachedCaller, reason=_OOM_REASON)
-REDIS_FULL_UNTYPED_AND_OVERLAP = pytest.mark.xfail(
-    strict=True,
-    raises=(RedisErrorReachedCaller, QuotaExceeded),
-    reason=f"{_OOM_REASON}; once fixed, the fail_open overlap exceeds the quota here too",
-)
 #: _Watchdog in src/ragguard/backends/_redis_bucket.py
 _STRAY_REASON = (
     "the bucket store's shared timeout watchdog cancels a late operation with task.cancel() and withdraws the "
@@ -603,8 +591,8 @@ async def test_redis_slower_than_its_timeout(mode: Mode, long_tier: bool) -> Non
 @pytest.mark.parametrize(
     "mode",
     [
-        pytest.param("fail_open", marks=REDIS_FULL_UNTYPED_AND_OVERLAP),
-        pytest.param("fail_closed", marks=REDIS_FULL_UNTYPED),
+        pytest.param("fail_open", marks=FAIL_OPEN_OVERLAP),
+        "fail_closed",
     ],
 )
 async def test_redis_full(mode: Mode, long_tier: bool) -> None:

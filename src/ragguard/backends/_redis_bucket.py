@@ -67,10 +67,10 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..errors import BackendUnavailable
-from .redis import _redis_errors
+from .redis import _redis_errors, unavailable_reply
 
 if TYPE_CHECKING:
     from .redis import RedisBackend
@@ -430,6 +430,11 @@ class RedisBucketStore:
         except self._errors as exc:
             backend.last_error = exc
             raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except ResponseError as exc:
+            if not unavailable_reply(exc):
+                raise
+            backend.last_error = exc
+            raise BackendUnavailable(f"redis cannot keep state: {type(exc).__name__}: {exc}") from exc
 
     def _bind(self, client: Any) -> tuple[Any, Any, _Watchdog | None]:
         """The script object and watchdog for ``client`` (one client per event loop: normally one, ever)."""

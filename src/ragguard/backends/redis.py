@@ -93,6 +93,24 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _response_error() -> type[Exception]:
+    import redis.exceptions
+
+    return redis.exceptions.ResponseError
+
+
+#: replies saying Redis cannot keep state now (full under ``noeviction``, a read-only replica, its primary gone);
+#: from inside a Lua script they arrive as a plain ``ResponseError`` ("... -OOM command not allowed ..."), not
+#: as redis-py's dedicated exception types
+_STATE_REFUSALS = ("OOM command not allowed", "READONLY", "MASTERDOWN")
+
+
+def unavailable_reply(exc: BaseException) -> bool:
+    """Whether an error reply means "Redis cannot keep state now" (to be handled as unavailable)."""
+    text = str(exc)
+    return any(marker in text for marker in _STATE_REFUSALS)
+
+
 class RedisBackend:
     """Shared state in Redis, for apps that run as several processes or machines.
 
@@ -140,6 +158,7 @@ class RedisBackend:
         self._lock = threading.Lock()
         self._local = MemoryBackend()
         self._errors = _redis_errors()
+        self._response_error = _response_error()
         #: the last Redis failure seen (``None`` once an operation succeeded again), for health reports
         self.last_error: BaseException | None = None
 
@@ -213,6 +232,11 @@ class RedisBackend:
         except self._errors as exc:
             self.last_error = exc
             raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except self._response_error as exc:
+            if not unavailable_reply(exc):
+                raise
+            self.last_error = exc
+            raise BackendUnavailable(f"redis cannot keep state: {type(exc).__name__}: {exc}") from exc
         self.last_error = None
         return result
 
