@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import math
 import os
@@ -42,6 +41,8 @@ import uvicorn
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ._loopback import check_loopback
 
 __all__ = [
     "CLOSE_CONNECTION_EXTENSION",
@@ -76,14 +77,7 @@ class ProcessServable(Protocol):
 
 
 def _check_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the simulator only binds loopback addresses (127.0.0.1, ::1, localhost), not {host!r}")
+    check_loopback(host, "the simulator only binds")
 
 
 def _bind(host: str, port: int) -> socket.socket:

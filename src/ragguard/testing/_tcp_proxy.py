@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 import threading
 from types import TracebackType
+
+from ._loopback import check_loopback
 
 __all__ = ["TcpProxy"]
 
@@ -38,14 +39,7 @@ _CHUNK = 65536
 
 
 def _check_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"the proxy only uses loopback addresses (127.0.0.1, ::1, localhost), not {host!r}")
+    check_loopback(host, "the proxy only uses")
 
 
 class TcpProxy:

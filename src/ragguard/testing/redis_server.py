@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import ipaddress
 import os
 import random
 import shutil
@@ -49,6 +48,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeAlias
+
+from ._loopback import check_loopback
 
 __all__ = [
     "CLUSTER_SLOTS",
@@ -109,14 +110,7 @@ def find_redis_server() -> str:
 
 
 def _check_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"test Redis servers only bind loopback addresses (127.0.0.1, ::1, localhost), not {host!r}")
+    check_loopback(host, "test Redis servers only bind")
 
 
 def _family(host: str) -> socket.AddressFamily:
