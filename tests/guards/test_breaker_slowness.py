@@ -256,7 +256,7 @@ def anyio_backend() -> str:
 @pytest.fixture
 def sims() -> Iterator[tuple[Served[OpenAISimulator], Served[OpenAISimulator]]]:
     quick = SimulatorConfig(rpm=None, tpm=None, base_latency_s=0.02, per_token_latency_s=0.001, jitter=0.0)
-    sluggish = SimulatorConfig(rpm=None, tpm=None, base_latency_s=0.4, per_token_latency_s=0.0, jitter=0.0)
+    sluggish = SimulatorConfig(rpm=None, tpm=None, base_latency_s=0.8, per_token_latency_s=0.0, jitter=0.0)
     with serve(OpenAISimulator(quick)) as fast, serve(OpenAISimulator(sluggish)) as slow:
         yield fast, slow
 
@@ -281,8 +281,10 @@ def breaker_of(backend: ragguard.MemoryBackend) -> CircuitBreaker:
 
 LONG = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me everything"}], "n": 16}
 SHORT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Yes or no?"}], "max_tokens": 2}
-#: per output token 5 ms after 0.15 s for the first: ≈ 0.5 s for 474 tokens is fine, 0.4 s for 2 tokens is not
-PER_TOKEN = {"slow_call_s_per_token": 0.005, "slow_first_token_s": 0.15}
+#: per output token 5 ms after 0.4 s for the first: ≈ 0.5 s for 474 tokens is fine, 0.8 s for 2 tokens is not. The
+#: first-token allowance is 20x the fast simulator's 0.02 s so that a loaded CI machine's scheduling delay does not
+#: turn a fast stream's first chunk slow.
+PER_TOKEN = {"slow_call_s_per_token": 0.005, "slow_first_token_s": 0.4}
 
 
 async def concurrently(n: int, fn: Any) -> None:
@@ -333,7 +335,7 @@ async def test_end_to_end_streams_are_judged_by_their_first_chunk(sims: Any) -> 
     await concurrently(4, lambda: consume(client))
     assert (breaker_of(backend).state, breaker_of(backend).snapshot().slow_calls) == (CLOSED, 0)
     await client.close()
-    client, backend = guarded(slow, PER_TOKEN)  # first chunk after 0.4 s
+    client, backend = guarded(slow, PER_TOKEN)  # first chunk after 0.8 s
     await concurrently(4, lambda: consume(client))
     assert breaker_of(backend).state is OPEN
     await client.close()
