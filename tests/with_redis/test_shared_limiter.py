@@ -510,18 +510,62 @@ async def test_fail_open_falls_back_to_the_local_share_and_recovers(redis_server
         await shared.acquire(1, 0)
         assert shared.round_trips == 1
         await anyio.to_thread.run_sync(redis_server.kill)
-        # no call fails; the local share is 300 rpm (one request per 0.2 s), 5 requests of burst
+        # no call fails; the local share is 300 rpm (one request per 0.2 s) and starts empty: this process may
+        # have spent the shared burst already
         for _ in range(10):
             await shared.acquire(1, 0)
         assert shared.fallbacks == 10
         assert shared.unavailable == 1  # then the store is not tried again for backend_retry_after
-        # 5 at once, then paced at the fallback share (float residue aside: 5 × 0.2 s is a hair above 1 s)
-        assert [s for s in clock.slept if s > 1e-9] == pytest.approx([0.2] * 5)
+        assert [s for s in clock.slept if s > 1e-9] == pytest.approx([0.2] * 10)
         assert isinstance(backend.last_error, Exception)
-        await anyio.to_thread.run_sync(redis_server.restart)
+        await anyio.to_thread.run_sync(redis_server.restart)  # empty: a full burst on offer
         clock.advance(5.0)  # past backend_retry_after: the next call tries Redis again
+        clock.slept.clear()
         await shared.acquire(1, 0)
-        assert (shared.fallbacks, shared.round_trips) == (10, 2)
+        # one round trip drains the shared bucket (the full burst of a restarted Redis is not trusted), one
+        # reserves: one request interval (60 / 600 rpm) away, one re-checks after the sleep
+        assert (shared.fallbacks, shared.round_trips) == (10, 4)
+        assert [s for s in clock.slept if s > 1e-9] == pytest.approx([0.1], abs=0.01)  # on Redis TIME
+        assert shared.last_error is None
+    finally:
+        await backend.aclose()
+
+
+async def test_fail_open_carries_the_callers_waiting_on_one_path_over_to_the_other(redis_server: RedisServer) -> None:
+    """Callers sleeping on a reservation still go after the limiter switched paths: the path taken over is charged
+    with them (otherwise both paths' admissions add up and exceed the provider's quota)."""
+    backend = RedisBackend(redis_server.url, timeout=0.2, expected_instances=2, on_unavailable="fail_open")
+    clock = GateClock()  # every sleep lasts until the gate opens: the waiting callers stay waiting
+    shared = limiter(backend, unique_name(), clock=clock, tpm=None, backend_retry_after=5.0)
+
+    async def sleeping(n: int) -> None:  # until n sleeps began (Redis round trips are real I/O meanwhile)
+        with anyio.fail_after(5):
+            while len(clock.slept) < n:  # noqa: ASYNC110 - the sleeps come from other tasks, on no event of ours
+                await anyio.sleep(0.005)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await shared.acquire(10, 0)  # the whole burst (600 rpm, 1 s: 10 requests)
+            for _ in range(3):
+                tg.start_soon(shared.acquire, 1, 0)  # each sleeps on a reservation held in Redis
+            await sleeping(3)
+            assert sorted(clock.slept) == pytest.approx([0.1, 0.2, 0.3], abs=0.02)
+            await anyio.to_thread.run_sync(redis_server.kill)
+            # to the local share (300 rpm: 0.2 s a request, 5 of burst): it starts empty and owes the three
+            # reservations still waiting in Redis, so a newcomer waits 3 · 0.2 + 0.2 s (not 0: a full burst)
+            tg.start_soon(shared.acquire, 1, 0)
+            await sleeping(4)
+            assert shared.fallbacks == 1
+            assert clock.slept[-1] == pytest.approx(0.8)
+            # back to Redis, restarted empty (a full burst on offer): the first call drains the shared bucket and
+            # charges it with the newcomer still waiting in the local share, then waits 0.1 + 0.1 s
+            await anyio.to_thread.run_sync(redis_server.restart)
+            clock.advance(5.0)
+            tg.start_soon(shared.acquire, 1, 0)
+            await sleeping(5)
+            assert shared.fallbacks == 1
+            assert clock.slept[-1] == pytest.approx(0.2, abs=0.02)  # on Redis TIME
+            clock.gate.set()
         assert shared.last_error is None
     finally:
         await backend.aclose()

@@ -329,13 +329,21 @@ class _Watchdog:
             self._at = deadline
             self._handle = self._loop.call_at(deadline, self._fire)
         try:
-            return await awaitable
-        except asyncio.CancelledError:
+            result = await awaitable
+        except BaseException as exc:
+            # The operation may end otherwise than by our CancelledError (redis-py's own socket timeout turns it
+            # into TimeoutError, or it had answered already): the cancel request we made is withdrawn all the
+            # same, or the caller's task keeps it and its next cancel scope lets a bare CancelledError escape.
             if task in self._expired:
                 self._expired.discard(task)
-                if task.uncancel() <= cancelling:
+                if task.uncancel() <= cancelling and isinstance(exc, asyncio.CancelledError):
                     raise TimeoutError(f"no answer within {seconds} s") from None
             raise
+        else:
+            if task in self._expired:
+                self._expired.discard(task)
+                task.uncancel()
+            return result
         finally:
             self._deadlines.pop(task, None)
 

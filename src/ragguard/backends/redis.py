@@ -199,15 +199,21 @@ class RedisBackend:
                 max_connections=options.max_connections,
             )
         from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         # a blocking pool: a burst of callers beyond max_connections waits (up to the timeout) for a connection
-        # instead of failing at once with MaxConnectionsError
+        # instead of failing at once with MaxConnectionsError. One immediate retry on a connection error, on a
+        # fresh connection: after Redis restarted, every idle pooled connection is dead and would otherwise fail
+        # one operation each (seconds of spurious failures); never on a timeout, where the command may have run.
         pool = BlockingConnectionPool.from_url(
             url,
             socket_timeout=options.timeout,
             socket_connect_timeout=options.timeout,
             max_connections=options.max_connections,
             timeout=options.timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         return Redis.from_pool(pool)
 

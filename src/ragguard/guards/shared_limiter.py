@@ -56,7 +56,22 @@ backend's ``timeout``). ``on_unavailable`` then decides:
 After a failure the limiter does not try the store again for ``backend_retry_after`` seconds (default 1 s), so a
 dead or hanging Redis does not add its timeout to every call; in that interval ``fail_open`` callers go straight
 to the local share and ``fail_closed`` callers get :class:`~ragguard.BackendUnavailable` at once. The first call
-after the interval tries the store again: both modes recover on their own, with no restart. Settlements
+after the interval tries the store again: both modes recover on their own, with no restart.
+
+Switching paths (``fail_open``): callers already sleeping on a reservation of the path left behind still go, and
+the path taken over knows nothing of them. So the switch carries them over, and assumes the worst of what it
+cannot know:
+
+- to the local share, at the first store failure: the local share starts empty (this process may have spent the
+  shared burst already) and is charged with the reservations this process still has waiting in the store;
+- back to the store, at the first call after ``backend_retry_after``: that call drains the shared bucket (sets
+  its level to empty, like a provider's ``x-ratelimit-remaining-*: 0``; idempotent, so every instance may do it)
+  and charges it with the callers still waiting in the local share, *before* reserving its own slot; callers
+  arriving meanwhile use the local share. Unspent leases are dropped. If the store fails again on the way, the
+  limiter stays on the local share.
+
+Without this, both paths' admissions add up after each switch (a restarted Redis, or one that was full, offers a
+whole burst while the local share's callers still go) and the provider's quota is exceeded. Settlements
 (debit, refund, headers, pauses) that fail are dropped, never raised: the call has already happened. A
 rate-limited failure always pauses the local fallback too, so a pause holds even if Redis fails meanwhile.
 
@@ -292,11 +307,17 @@ class SharedRateLimiter(GuardBase):
         "_burst",
         "_fallback",
         "_follow_headers",
+        "_held_lock",
+        "_held_req",
+        "_held_tok",
         "_jitter_limit",
         "_lanes",
         "_lease",
+        "_local_req",
+        "_local_tok",
         "_max_wait",
         "_reconcile",
+        "_rejoining",
         "_req_inv",
         "_retry_after",
         "_rng",
@@ -376,6 +397,13 @@ class SharedRateLimiter(GuardBase):
         self._jitter_limit = PAUSE_JITTER_INTERVALS * self._req_inv
         self._retry_after = float(backend_retry_after)
         self._skip_until = -math.inf
+        # what is waiting on each admission path, carried over to the other when fail_open switches paths (module
+        # doc): store reservations in seconds of refill of the shared buckets, local-share ones in requests and
+        # tokens; a lock because several threads may share the limiter (only taken around waits)
+        self._held_lock = threading.Lock()
+        self._held_req = self._held_tok = 0.0
+        self._local_req = self._local_tok = 0.0
+        self._rejoining = False
         share = float(expected_instances)
         self._fallback = RateLimiter(
             rpm=policy.rpm / share if policy.rpm is not None else None,
@@ -480,8 +508,14 @@ class SharedRateLimiter(GuardBase):
     async def _admit(self, requests: float, tokens: float, budget: float) -> int:
         if not (requests >= 0.0 and tokens >= 0.0):
             raise ValueError(f"rate limiter costs must be >= 0, got requests={requests!r}, tokens={tokens!r}")
-        if self._skip_until != -math.inf and self._skipping():
-            return await self._unavailable(None, requests, tokens, budget)
+        if self._skip_until != -math.inf:
+            if self._skipping() or self._rejoining:
+                return await self._unavailable(None, requests, tokens, budget)
+            if self.on_unavailable == "fail_open":
+                try:
+                    await self._rejoin()
+                except BackendUnavailable as exc:
+                    return await self._unavailable(exc, requests, tokens, budget)
         req_cost = requests * self._req_inv
         tok_cost = tokens * self._tok_inv
         try:
@@ -494,7 +528,9 @@ class SharedRateLimiter(GuardBase):
         except _StoreSkipped:
             return await self._unavailable(None, requests, tokens, budget)
         self.round_trips += 1
-        if self._skip_until != -math.inf:
+        if self._skip_until != -math.inf and self.on_unavailable == "fail_closed":
+            # (fail_open recovers only through _rejoin: an answer to a request sent before the failure is no
+            # reason to leave the local share without carrying its callers over)
             self._recovered()
         if reply.wait > 0.0:
             if not reply.admitted:
@@ -504,8 +540,21 @@ class SharedRateLimiter(GuardBase):
                     wait=reply.wait,
                     remaining=budget,
                 )
-            await self._wait(reply, req_cost, tok_cost, budget)
+            await self._held_wait(reply, req_cost, tok_cost, budget)
         return _STORE
+
+    async def _held_wait(self, reply: ReservationView, req_cost: float, tok_cost: float, budget: float) -> None:
+        """:meth:`_wait`, counting the reservation as held in the store meanwhile (carried over to the local share
+        if the store fails before it goes)."""
+        with self._held_lock:
+            self._held_req += req_cost
+            self._held_tok += tok_cost
+        try:
+            await self._wait(reply, req_cost, tok_cost, budget)
+        finally:
+            with self._held_lock:
+                self._held_req -= req_cost
+                self._held_tok -= tok_cost
 
     async def _wait(self, reply: ReservationView, req_cost: float, tok_cost: float, budget: float) -> None:
         """Sleep until the reservation's time; then re-check the bucket once, to follow a shared pause set
@@ -643,7 +692,7 @@ class SharedRateLimiter(GuardBase):
                 self.name, block_req, cost_tok, self._burst, budget, self._rng.random(), refund_req, refund_tok
             )
             self.round_trips += 1
-            if self._skip_until != -math.inf:
+            if self._skip_until != -math.inf and self.on_unavailable == "fail_closed":
                 self._recovered()
             if reply.wait > 0.0:
                 lane.ready_at = clock.now() + reply.wait
@@ -655,7 +704,7 @@ class SharedRateLimiter(GuardBase):
                         wait=reply.wait,
                         remaining=budget,
                     )
-                await self._wait(reply, block_req, cost_tok, budget)
+                await self._held_wait(reply, block_req, cost_tok, budget)
             self.leases += 1
             lifetime = block_req if block_req > block_tok else block_tok
             if lifetime < self._burst:
@@ -742,9 +791,49 @@ class SharedRateLimiter(GuardBase):
         self.last_error = None
 
     def _note_failure(self, exc: BaseException) -> None:
+        entering = self._skip_until == -math.inf
         self.unavailable += 1
         self.last_error = exc
         self._skip_until = self.clock.now() + self._retry_after
+        if entering and self.on_unavailable == "fail_open":
+            self._enter_fallback()
+
+    def _enter_fallback(self) -> None:
+        """Switch to the local share (module doc): it starts empty, charged with this process's reservations
+        still waiting in the store."""
+        with self._held_lock:
+            held_req = self._held_req
+            held_tok = self._held_tok
+        fallback = self._fallback
+        fallback.observe(RateLimitHeaders(remaining_requests=0.0, remaining_tokens=0.0))
+        requests = held_req / self._req_inv if self._req_inv and held_req > 0.0 else 0.0
+        tokens = held_tok / self._tok_inv if self._tok_inv and held_tok > 0.0 else 0.0
+        if requests or tokens:
+            fallback.debit(tokens, requests)
+
+    async def _rejoin(self) -> None:
+        """Switch back to the store (module doc): drain the shared buckets, then charge them with the callers still
+        waiting in the local share; one caller at a time (the others use the local share meanwhile).
+
+        Raises:
+            BackendUnavailable: the store failed again (noted by the caller; the limiter stays on the local share).
+        """
+        self._rejoining = True
+        try:
+            name = self.name
+            burst = self._burst
+            await self._store.observe(name, 0.0 if self._req_inv else None, 0.0 if self._tok_inv else None, burst)
+            self.round_trips += 1
+            with self._held_lock:
+                req_cost = self._local_req * self._req_inv
+                tok_cost = self._local_tok * self._tok_inv
+            if req_cost > 0.0 or tok_cost > 0.0:
+                await self._store.debit(name, max(req_cost, 0.0), max(tok_cost, 0.0))
+                self.round_trips += 1
+        finally:
+            self._rejoining = False
+        self._drop_lease()  # leases taken before the failure were drained with the buckets
+        self._recovered()
 
     async def _unavailable(self, exc: BackendUnavailable | None, requests: float, tokens: float, budget: float) -> int:
         if exc is not None:
@@ -758,7 +847,15 @@ class SharedRateLimiter(GuardBase):
             ) from self.last_error
         self.fallbacks += 1
         deadline = self.clock.now() + budget if budget != math.inf else math.inf
-        await self._fallback.acquire(requests, tokens, deadline=deadline)
+        with self._held_lock:
+            self._local_req += requests
+            self._local_tok += tokens
+        try:
+            await self._fallback.acquire(requests, tokens, deadline=deadline)
+        finally:
+            with self._held_lock:
+                self._local_req -= requests
+                self._local_tok -= tokens
         return _FALLBACK
 
     # --- settlement ------------------------------------------------------------------------------------
