@@ -1,8 +1,5 @@
-"""The OpenAI simulator's faults the chaos matrix added: slow answers, malformed JSON, wrong content types, changing
-faults while it runs (``configure`` / ``POST /_sim/config``) and the ``in_flight`` gauge.
-
-(They belong beside tests/testing/test_openai_simulator.py; they live here with the suite that needed them.)
-"""
+"""The OpenAI simulator's faults the chaos suite (tests/chaos) needed: slow answers, malformed JSON, wrong content
+types, changing faults while it runs (``configure`` / ``POST /_sim/config``) and the ``in_flight`` gauge."""
 
 from __future__ import annotations
 
@@ -19,8 +16,6 @@ from pydantic import ValidationError
 
 from ragguard.testing import OpenAISimulator, Served, SimulatorConfig, serve
 from ragguard.testing.openai_simulator import _parser, config_from_args
-
-pytestmark = pytest.mark.chaos
 
 EMBED = {"model": "text-embedding-3-small", "input": "hello"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
