@@ -512,10 +512,12 @@ class SharedRateLimiter(GuardBase):
             if self._skipping() or self._rejoining:
                 return await self._unavailable(None, requests, tokens, budget)
             if self.on_unavailable == "fail_open":
+                started = self.clock.now()
                 try:
                     await self._rejoin()
                 except BackendUnavailable as exc:
-                    return await self._unavailable(exc, requests, tokens, budget)
+                    return await self._unavailable(exc, requests, tokens, budget - (self.clock.now() - started))
+                budget -= self.clock.now() - started  # the reservation's wait must still end within the deadline
         req_cost = requests * self._req_inv
         tok_cost = tokens * self._tok_inv
         try:
