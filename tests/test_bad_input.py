@@ -123,7 +123,8 @@ SECTIONS = [
     if isinstance(obj := getattr(ragguard, name), type)
     and issubclass(obj, pydantic.BaseModel)
     and obj is not ragguard.Policy
-    and obj is not ragguard.HealthReport  # a report ragguard builds, not a setting
+    # reports ragguard builds, not settings
+    and obj.__module__ != ragguard.HealthReport.__module__
 ]
 
 SECTION_CASES = [

@@ -19,6 +19,7 @@ from ._call_options import CallOptions, call_options
 from ._clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock, is_testing, set_testing
 from ._context import CallContext
 from ._guard import guard
+from ._health import BackendHealth, BreakerHealth, BulkheadHealth, HealthReport, LimiterHealth, ahealth, health
 from ._hints import (
     RateLimitHeaders,
     parse_duration,
@@ -100,7 +101,6 @@ from .guards.semantic import InMemoryVectorIndex, VectorIndex, cosine_distance
 from .guards.shared_breaker import BreakerStore, SharedCircuitBreaker
 from .guards.shared_limiter import BucketStore, SharedRateLimiter
 from .guards.timeout import Deadline, Timeout
-from .health import HealthReport, ahealth, health
 from .providers.pinecone import UpsertIncomplete, stable_id
 
 __version__ = "0.1.0"
@@ -114,9 +114,11 @@ __all__ = [
     "AsyncCacheStore",
     "AttemptTimeout",
     "Backend",
+    "BackendHealth",
     "BackendUnavailable",
     "BatchItemTooLarge",
     "BatchingPolicy",
+    "BreakerHealth",
     "BreakerPolicy",
     "BreakerSnapshot",
     "BreakerState",
@@ -124,6 +126,7 @@ __all__ = [
     "BucketStore",
     "BudgetStore",
     "BulkheadFull",
+    "BulkheadHealth",
     "Cache",
     "CachePolicy",
     "CacheStore",
@@ -158,6 +161,7 @@ __all__ = [
     "JitterKind",
     "JsonSerializer",
     "LimitAlgorithm",
+    "LimiterHealth",
     "ManualClock",
     "MemoryBackend",
     "MemoryCacheStore",

@@ -133,7 +133,7 @@ def _health(redis_url: str | None, fail_closed: bool) -> int:
     import anyio
 
     from ..backends.memory import default_backend
-    from ..health import ahealth
+    from .._health import ahealth
 
     backends: list[Any] = [default_backend()]
     if redis_url is not None:
