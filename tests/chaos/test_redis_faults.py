@@ -74,8 +74,9 @@ BACKEND_TIMEOUT = 0.2
 #: the slow fault's delay per chunk and direction (a round trip takes two)
 SLOW_DELAY = (0.025, 0.15)
 #: how late past ``Policy.timeout.total`` a call may end: two shielded store operations (a limiter's refund, a
-#: probe's report), each bounded by the backend timeout, plus scheduling on a loaded 2-core machine
-DEADLINE_TOLERANCE = 2 * BACKEND_TIMEOUT + 0.3
+#: probe's report), each bounded by the backend timeout, plus scheduling on a loaded 2-core machine (event-loop lag
+#: up to about 0.35 s in the long tier, where three instances, the proxy's thread and the simulator share it)
+DEADLINE_TOLERANCE = 2 * BACKEND_TIMEOUT + 0.4
 #: 429s tolerated, as a share of the upstream requests (plus one): the simulator's bucket holds one second of
 #: quota, the limiter's half a second, and a loaded 2-core machine delivers requests in bunches
 QUOTA_TOLERANCE_429 = 0.005
