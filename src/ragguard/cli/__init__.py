@@ -132,8 +132,8 @@ def _health(redis_url: str | None, fail_closed: bool) -> int:
 
     import anyio
 
-    from ..backends.memory import default_backend
     from .._health import ahealth
+    from ..backends.memory import default_backend
 
     backends: list[Any] = [default_backend()]
     if redis_url is not None:

@@ -16,11 +16,18 @@ Design (no background task; structured concurrency is kept):
   calls ``dispatch``. No other task runs the call, so nothing outlives the callers and no event loop is bound at
   construction (events are made lazily, in the waiting task, aiolimiter#292).
 * Cancel safety: while other callers still wait for the batch, the claimer sends it inside a shielded cancel
-  scope, so its own cancellation (or deadline) takes effect only once the call returned and the others have
+  scope, so its own anyio (or trio) cancellation takes effect only once the call returned and the others have
   their results. When the claimer is the batch's last caller the call is not shielded and is cancelled with it.
-  A leader cancelled during the timer, or a claimer cancelled while waiting for a slot, hands the role on to
-  another caller of the batch. A caller that leaves an unsent batch withdraws its items (an item another caller
-  still needs stays); a batch nobody needs any more is dropped unsent. After every caller left, the batcher
+  The shield is bounded by the claimer's own deadline: a shared send still running then is cut, and the items
+  it did not settle fail with :class:`~ragguard.DeadlineExceeded` for every caller (their deadlines are alike
+  in practice, and a re-send would only start another call as late). anyio's shield cannot stop asyncio's own
+  ``task.cancel()`` (``asyncio.timeout()``, ``wait_for``): a send interrupted that way is *put back* — the
+  items it did not settle go to another caller of the batch, which sends them again (one more upstream call,
+  never a lost result); the cancelled claimer's cancellation propagates. The send stays in a caller's task (no
+  detached task), so a dispatch always runs in the task of a caller that needs it. A leader cancelled during
+  the timer, or a claimer cancelled while waiting for a slot, hands the role on to another caller of the
+  batch. A caller that leaves an unsent batch withdraws its items (an item another caller still needs
+  stays); a batch nobody needs any more is dropped unsent. After every caller left, the batcher
   holds no state for the batch (:attr:`MicroBatcher.open_batches` and :attr:`MicroBatcher.in_flight` are 0).
 * Duplicates: equal (hashable) items in one batch are sent once and the result is given to each caller that
   asked (an unhashable item is never merged).
@@ -56,6 +63,9 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 _OPEN, _READY, _CLAIMED, _SENDING, _DONE = range(5)
+
+#: ``batch.results.get`` default: an item the batch has no result for
+_NO_RESULT: Any = object()
 
 
 class BatchItemTooLarge(RagGuardError, ValueError):
@@ -249,7 +259,10 @@ class MicroBatcher(Generic[Item, Result]):
         Raises:
             BatchItemTooLarge: one item costs more than ``max_cost``; no item of this caller was sent.
             DeadlineExceeded: ``deadline`` passed before the results came (measured in real time from the
-                clock's remaining time; a shared call this caller is sending is not interrupted).
+                clock's remaining time), or the shared call sending this caller's items was cut at the deadline
+                of the caller sending it.
+            RagGuardError: the batch ended without a result for one of the items (not expected: a typed error
+                rather than a lost result).
             Whatever ``dispatch`` raised for the batch (or, with ``is_item_error``, for this caller's first
             bad item).
         """
@@ -278,12 +291,13 @@ class MicroBatcher(Generic[Item, Result]):
         try:
             if remaining == math.inf:
                 for batch in batches:
-                    await self._await(batch)
+                    await self._await(batch, math.inf)
                     done += 1
             else:
-                with anyio.move_on_after(remaining) as scope:
+                end = anyio.current_time() + remaining
+                with anyio.CancelScope(deadline=end) as scope:
                     for batch in batches:
-                        await self._await(batch)
+                        await self._await(batch, end)
                         done += 1
                 if scope.cancelled_caught:
                     raise DeadlineExceeded(
@@ -294,7 +308,10 @@ class MicroBatcher(Generic[Item, Result]):
                 error = batch.errors.get(item_key)
                 if error is not None:
                     raise error
-                out.append(batch.results[item_key])
+                result = batch.results.get(item_key, _NO_RESULT)
+                if result is _NO_RESULT:
+                    raise RagGuardError("micro-batch: the batch ended without a result for this caller's item")
+                out.append(result)
             return out
         finally:
             self._leave(refs, batches, done)
@@ -348,11 +365,12 @@ class MicroBatcher(Generic[Item, Result]):
             batch.timer.cancel()
         batch.wake()
 
-    async def _await(self, batch: _Batch) -> None:
-        """Wait until ``batch`` is done, taking the leader's or the sender's role when it falls to this caller."""
+    async def _await(self, batch: _Batch, end: float) -> None:
+        """Wait until ``batch`` is done, taking the leader's or the sender's role when it falls to this caller
+        (``end``: the caller's deadline in ``anyio.current_time()`` seconds, ``math.inf`` for none)."""
         while batch.state != _DONE:
             if batch.state == _READY:
-                await self._send_batch(batch)
+                await self._send_batch(batch, end)
             elif batch.state == _OPEN and not batch.leader:
                 await self._lead(batch)
             else:
@@ -372,7 +390,7 @@ class MicroBatcher(Generic[Item, Result]):
             batch.wake()
         self._close(batch)
 
-    async def _send_batch(self, batch: _Batch) -> None:
+    async def _send_batch(self, batch: _Batch, end: float) -> None:
         batch.state = _CLAIMED
         try:
             await self._acquire_slot()
@@ -381,22 +399,37 @@ class MicroBatcher(Generic[Item, Result]):
             batch.state = _READY
             batch.wake()
             raise
+        settled = False
         try:
             batch.state = _SENDING
-            slots = batch.slots
-            keys = list(slots)
+            slots, results, errors = batch.slots, batch.results, batch.errors
+            # all of them, unless an interrupted send was put back: then only the items it did not settle
+            keys = [k for k in slots if k not in results and k not in errors] if results or errors else list(slots)
+            shared = batch.callers > 1
             if keys:
                 items = [slots[k].item for k in keys]
-                # shield the shared call from this caller's cancellation while others wait for it
-                shared = batch.callers > 1
-                with anyio.CancelScope(shield=shared):
-                    await self._send(batch, keys, items)
                 if shared:
-                    # the others have their results: now deliver a cancellation this caller received meanwhile
-                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    # shield the shared call from this caller's cancellation while others wait for it, up to
+                    # this caller's own deadline (which it must not overrun)
+                    with anyio.CancelScope(shield=True, deadline=end) as cut:
+                        await self._send(batch, keys, items)
+                    if cut.cancelled_caught:
+                        error = DeadlineExceeded("micro-batch: the batch's call was cut at its sender's deadline")
+                        for k in keys:
+                            if k not in results and k not in errors:
+                                errors[k] = error
+                else:
+                    await self._send(batch, keys, items)
+            settled = True
+            if shared:
+                # the others have their results: now deliver a cancellation this caller received meanwhile
+                await anyio.lowlevel.checkpoint_if_cancelled()
         finally:
             self._release_slot()
-            batch.state = _DONE
+            # Not settled: this caller was cancelled during the send (unshielded, or by asyncio's own
+            # task.cancel(), which anyio's shield does not stop). Put the batch back so another of its callers
+            # sends what is left; with none left, _leave drops it.
+            batch.state = _DONE if settled else _READY
             batch.wake()
 
     async def _send(self, batch: _Batch, keys: list[Hashable], items: list[Any]) -> None:

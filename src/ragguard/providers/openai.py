@@ -196,14 +196,10 @@ class _Completion:
             raise StreamInterrupted("the stream ended before its final chunk (truncated response)")
 
 
-_EMPTY: Any = object()
-
-
 async def _async_rest(inner: Any, first: Any) -> AsyncIterator[Any]:
     tracker = _Completion()
-    if first is not _EMPTY:
-        tracker.see(first)
-        yield first
+    tracker.see(first)
+    yield first
     iterator = inner._iterator
     while True:
         try:
@@ -219,9 +215,8 @@ async def _async_rest(inner: Any, first: Any) -> AsyncIterator[Any]:
 
 def _sync_rest(inner: Any, first: Any) -> Iterator[Any]:
     tracker = _Completion()
-    if first is not _EMPTY:
-        tracker.see(first)
-        yield first
+    tracker.see(first)
+    yield first
     iterator = inner._iterator
     while True:
         try:
@@ -647,6 +642,25 @@ class OpenAIGuard:
         create = self._raw_create(endpoint)
         stream = kwargs.get("stream") is True
         clock = self.clock  # times the attempt itself (ctx.attempt_s, ctx.first_token_s) for breakers
+
+        def parse(raw: Any) -> Any:
+            # a 200 body the SDK's own parser chokes on (an HTML page from a proxy, e.g. an AttributeError in the
+            # embeddings base64 decoding) is a malformed answer, as the SDK's own error type: retried, and what a
+            # RetryExhausted chains, never a bare AttributeError
+            try:
+                return _parsed(ctx, cost, raw, stream)
+            except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+                raise openai.APIResponseValidationError(
+                    response=raw.http_response, body=None, message=f"the response could not be parsed: {exc!r}"
+                ) from exc
+
+        def no_event(raw: Any) -> openai.APIResponseValidationError:
+            # a streamed 200 without a single SSE event (an HTML page from a proxy): malformed, so retried like
+            # one, never handed over as an empty stream that ends "successfully"
+            return openai.APIResponseValidationError(
+                response=raw.http_response, body=None, message="a streamed response without a single event"
+            )
+
         if self.is_async:
 
             async def attempt() -> Any:
@@ -659,14 +673,15 @@ class OpenAIGuard:
                         ctx.attempt_s = clock.now() - started
                         _note_error(ctx, exc)
                         raise
-                    result = _parsed(ctx, cost, raw, stream)
+                    result = parse(raw)
                     ctx.attempt_s = clock.now() - started
                     if not stream:
                         return result
                     try:
                         first = await result._iterator.__anext__()
                     except StopAsyncIteration:
-                        first = _EMPTY
+                        await result.close()
+                        raise no_event(raw) from None
                     except BaseException:
                         await result.close()
                         raise
@@ -684,14 +699,15 @@ class OpenAIGuard:
                 ctx.attempt_s = clock.now() - started
                 _note_error(ctx, exc)
                 raise
-            result = _parsed(ctx, cost, raw, stream)
+            result = parse(raw)
             ctx.attempt_s = clock.now() - started
             if not stream:
                 return result
             try:
                 first = next(result._iterator)
             except StopIteration:
-                first = _EMPTY
+                result.close()
+                raise no_event(raw) from None
             except BaseException:
                 result.close()
                 raise
@@ -824,10 +840,18 @@ class OpenAIGuard:
         when batching is on, or as one request (shared with identical concurrent requests) when it is not. The
         response is rebuilt for this caller, its ``usage`` counting only the tokens sent upstream for it.
         Requests the layers cannot take apart (token arrays, extra options) go through as they are.
+
+        Raises (besides the pipeline's errors): :class:`~ragguard.DeadlineExceeded` when ``Policy.timeout.total``
+        seconds, counted from this call's start, pass while its inputs wait in the micro-batcher (for the batch's
+        timer, a send slot, or the batch's call).
         """
         if options is None:
             options = current_call_options()
         note(None)  # last_degradation() reports this call: set again if it is degraded
+        # the call's total deadline (Policy.timeout.total), from its start, as the pipeline's Deadline counts it:
+        # it bounds the micro-batch waits (the batch's timer, a send slot) as well as the call itself
+        total = self.policy.timeout.total
+        deadline = float("inf") if total is None else self.clock.now() + total
         inputs = kwargs.get("input")
         model = kwargs.get("model")
         texts = _texts(inputs)
@@ -864,7 +888,7 @@ class OpenAIGuard:
             todo = list(dict.fromkeys(texts[i] for i in missing))  # each distinct text once
             if self.batcher is not None:
                 batch_key = (model, dimensions, encoding_format, kwargs.get("user"))
-                results = await self.batcher.submit(batch_key, todo)
+                results = await self.batcher.submit(batch_key, todo, deadline=deadline)
                 fetched = {text: vector for text, (vector, _) in zip(todo, results, strict=True)}
                 tokens = round(sum(share for _, share in results))
             else:
