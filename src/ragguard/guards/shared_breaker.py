@@ -32,17 +32,17 @@ tries it again, so both modes recover by themselves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
-import anyio
-
 from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._outcome import Outcome
+from .._shielded import run_shielded
 from ..config import BreakerPolicy
 from ..errors import BackendUnavailable, CircuitOpenError
 from .breaker import (
@@ -359,10 +359,9 @@ class SharedCircuitBreaker(GuardBase):
 
     async def _report(self, permit: SharedBreakerPermit, verdict: int) -> None:
         if permit.is_probe:
-            # a probe's verdict (or its lease) must reach the store even if the caller is being cancelled;
-            # the store's own timeout bounds the wait
-            with anyio.CancelScope(shield=True):
-                await permit._report(verdict)
+            # a probe's verdict (or its lease) must reach the store even if the caller is being cancelled (by
+            # anyio or by asyncio's own task.cancel()); the store's own timeout bounds the wait
+            await run_shielded(functools.partial(permit._report, verdict))
         else:
             await permit._report(verdict)
 

@@ -97,6 +97,7 @@ from .. import telemetry
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._hints import MAX_HINT_SECONDS, RateLimitHeaders
+from .._shielded import run_shielded
 from ..backends.redis import RedisBackendOptions
 from ..config import RateLimitPolicy
 from ..errors import BackendUnavailable, RateLimitTimeout
@@ -608,7 +609,8 @@ class SharedRateLimiter(GuardBase):
         is noted, not raised."""
         if not (req_cost or tok_cost):
             return
-        with anyio.CancelScope(shield=True):
+
+        async def refund() -> None:
             try:
                 await self._store.refund(self.name, req_cost, tok_cost, self._burst, slot)
             except BackendUnavailable as exc:
@@ -617,6 +619,9 @@ class SharedRateLimiter(GuardBase):
                 pass
             else:
                 self.round_trips += 1
+
+        # finished even if the caller is cancelled again meanwhile, by anyio or by asyncio's own task.cancel()
+        await run_shielded(refund)
 
     # --- lease mode ------------------------------------------------------------------------------------
 

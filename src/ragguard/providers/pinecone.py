@@ -88,6 +88,7 @@ from .._call_options import CallOptions, current_call_options
 from .._clock import SYSTEM_CLOCK, Clock
 from .._context import CallContext
 from .._outcome import Outcome, classify_exception, classify_status
+from .._shielded import run_shielded
 from .._sync import run_in_worker
 from ..backends.base import Backend
 from ..backends.memory import default_backend
@@ -745,21 +746,26 @@ class PineconeGuard:
 
     async def _after_write(self, namespace: str | None) -> None:
         """Invalidate after a write (also after a failed one: part of it may have landed). Shielded, so a
-        cancelled write still invalidates; bounded, so a hung store cannot hold the cancellation forever."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_SHIELDED_INVALIDATION) as scope:
-            try:
-                await self.invalidate(namespace)
-            except Exception:
-                # the write itself is done: a cache store that cannot be reached must not turn it into a failure
-                # (nor hide an UpsertIncomplete), but stale answers may be served until the entries expire
-                logger.warning(
-                    "ragguard: could not invalidate cached Pinecone queries of namespace %r after a write; "
-                    "they may be served until they expire",
-                    namespace,
-                    exc_info=True,
-                )
-        if scope.cancelled_caught:
-            logger.warning("ragguard: invalidating cached Pinecone queries of namespace %r timed out", namespace)
+        cancelled write still invalidates (also when asyncio's own ``task.cancel()`` cancels it); bounded, so a
+        hung store cannot hold the cancellation forever."""
+
+        async def invalidate() -> None:
+            with anyio.move_on_after(_SHIELDED_INVALIDATION) as scope:
+                try:
+                    await self.invalidate(namespace)
+                except Exception:
+                    # the write itself is done: a cache store that cannot be reached must not turn it into a
+                    # failure (nor hide an UpsertIncomplete), but stale answers may be served until they expire
+                    logger.warning(
+                        "ragguard: could not invalidate cached Pinecone queries of namespace %r after a write; "
+                        "they may be served until they expire",
+                        namespace,
+                        exc_info=True,
+                    )
+            if scope.cancelled_caught:
+                logger.warning("ragguard: invalidating cached Pinecone queries of namespace %r timed out", namespace)
+
+        await run_shielded(invalidate)
 
     # upsert -----------------------------------------------------------------------------------------------------
 
