@@ -11,6 +11,8 @@ from ._outcome import Classifier, classify_exception
 
 __all__ = ["CallContext"]
 
+_INF = math.inf
+
 
 class CallContext:
     """What the guards of one logical call share. Created per call (tenacity#93: shared retry state corrupts
@@ -80,6 +82,33 @@ class CallContext:
     def remaining(self) -> float:
         """Seconds left before the deadline (``math.inf`` when there is none; may be negative)."""
         deadline = self.deadline
-        if deadline == math.inf:
-            return math.inf
+        if deadline == _INF:
+            return _INF
         return deadline - self.clock.now()
+
+
+_new = object.__new__
+
+
+def fresh_context(clock: Clock, classify: Classifier, requests: float, tokens: float, operation: str) -> CallContext:
+    """``CallContext(clock=…, classify=…, requests=…, tokens=…, operation=…)``, made faster (no deadline).
+
+    Calling a class with keyword arguments packs them into a dict for ``__init__`` (about 0.2 µs of the 0.55 µs
+    such a call costs); this positional function sets the same slots to the same values as ``__init__`` does
+    (a test compares every slot), for :meth:`ragguard.Pipeline.context` on every call.
+    """
+    ctx: CallContext = _new(CallContext)
+    ctx.clock = clock
+    ctx.classify = classify
+    ctx.deadline = _INF
+    ctx.requests = requests
+    ctx.tokens = tokens
+    ctx.operation = operation
+    ctx.attempt = 1
+    ctx.used_tokens = None
+    ctx.output_tokens = None
+    ctx.first_token_s = None
+    ctx.attempt_s = None
+    ctx.rate_headers = None
+    ctx.extras = None
+    return ctx

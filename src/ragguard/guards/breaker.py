@@ -51,6 +51,9 @@ A result only counts in the state that admitted its call: results of calls admit
 
 The breaker never holds its lock across the wrapped call (pybreaker#7); its bookkeeping is a few attribute
 updates under a :class:`threading.Lock`, so one breaker may also be shared by event loops in several threads.
+A success that changes nothing (closed, with a full window free of failures and slow calls: the steady state of a
+healthy provider) is recognised by one attribute read and takes neither the lock nor the bookkeeping (see
+``CircuitBreaker._quiet``).
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ StateChangeHook = Callable[[str, BreakerState, BreakerState], None]
 _SUCCESS = 0
 _FAILURE = 1
 _IGNORED = 2
+
+#: ``CircuitBreaker._quiet`` when a success would change something (no generation has this number)
+_NOT_QUIET = -2
 
 
 def is_slow_call(
@@ -228,6 +234,8 @@ class BreakerPermit:
         breaker = self._breaker
         if breaker is not None:
             self._breaker = None
+            if verdict == _SUCCESS and not slow and self._generation == breaker._quiet:
+                return  # a success that changes nothing (see CircuitBreaker._quiet)
             breaker._settle(self._generation, self._lease, verdict, slow)
 
 
@@ -291,6 +299,7 @@ class CircuitBreaker(GuardBase):
         "_pending",
         "_pos",
         "_probe_successes",
+        "_quiet",
         "_retry_at",
         "_slow",
         "_slow_call_rate",
@@ -388,6 +397,16 @@ class CircuitBreaker(GuardBase):
         self._probe_successes = 0
         # transitions waiting to be announced, outside the lock
         self._pending: list[tuple[BreakerState, BreakerState]] = []
+        # The generation while a success changes nothing, else _NOT_QUIET. "Quiet" is: closed, the window full
+        # (calls == window), no failure and no slow call in it (so no consecutive failure either). A success
+        # there would overwrite a 0 with a 0 and move the ring's position over identical entries: no count, no
+        # order, no transition changes. It is written only under the lock, by every operation that changes what
+        # it depends on (_record, _transition), before that operation releases the lock, so a lock-free reader
+        # that sees the generation of its call's admission sees either the state a finished operation left, or
+        # that of one still running that started quiet: its no-op success is ordered before that operation.
+        # One attribute read, atomic under the GIL: no torn view of several fields (reading the counts
+        # themselves without the lock could see a failure's count before the window filled, and lose a call).
+        self._quiet = _NOT_QUIET
 
     @classmethod
     def from_policy(
@@ -441,7 +460,8 @@ class CircuitBreaker(GuardBase):
             if lease:
                 self._settle(generation, lease, _IGNORED)
             raise
-        self._settle(generation, lease, _SUCCESS)
+        if generation != self._quiet:  # else a success that changes nothing: no lock (see _quiet)
+            self._settle(generation, lease, _SUCCESS)
         return result
 
     async def _run_timed(self, call: Callable[[], Awaitable[T]], ctx: CallContext, generation: int, lease: int) -> T:
@@ -457,7 +477,9 @@ class CircuitBreaker(GuardBase):
             if lease:
                 self._settle(generation, lease, _IGNORED)
             raise
-        self._settle(generation, lease, _SUCCESS, self._slow_call(clock.now() - start, ctx))
+        slow = self._slow_call(clock.now() - start, ctx)
+        if slow or generation != self._quiet:  # else a success that changes nothing (see _quiet)
+            self._settle(generation, lease, _SUCCESS, slow)
         return result
 
     def _slow_call(self, elapsed: float, ctx: CallContext) -> bool:
@@ -585,6 +607,10 @@ class CircuitBreaker(GuardBase):
             )
         ):
             self._to_open(self._open_duration)
+        elif not self._failures and not self._slow and self._calls == self._window:
+            self._quiet = self._generation  # closed (only a closed breaker records)
+        else:
+            self._quiet = _NOT_QUIET
 
     def _expire_leases(self, now: float) -> None:
         leases = self._leases
@@ -594,6 +620,7 @@ class CircuitBreaker(GuardBase):
 
     def _transition(self, new: BreakerState) -> None:
         old = self._state
+        self._quiet = _NOT_QUIET
         self._state = new
         self._generation += 1
         self._leases.clear()

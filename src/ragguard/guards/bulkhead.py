@@ -213,7 +213,11 @@ class ConcurrencyLimit(GuardBase):
         try:
             return await call()
         finally:
-            self._release()
+            # _release() inlined for the common case: with no waiter it only frees the slot
+            if self._waiters:
+                self._release()
+            else:
+                self._in_flight -= 1
 
     async def _run_adaptive(self, call: Callable[[], Awaitable[T]], ctx: CallContext) -> T:
         if self._in_flight < self._max_in_flight and not self._waiters:

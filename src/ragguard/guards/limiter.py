@@ -124,6 +124,8 @@ MIN_RATE_BACKOFF = 0.05
 #: additive recovery of the backoff factor, per second, applied at each success while it is below 1
 RATE_RECOVERY_PER_S = 0.02
 
+_INF = math.inf
+
 
 class _Reservation:
     """A reservation that must wait (what ``_reserve`` returns when the call cannot go at once).
@@ -424,7 +426,8 @@ class RateLimiter(GuardBase):
             raise ValueError(f"rate limiter costs must be >= 0, got requests={requests!r}, tokens={tokens!r}")
         burst = self._burst
         req_cost = requests * self._req_inv  # in seconds of refill
-        tok_cost = tokens * self._tok_inv
+        tok_inv = self._tok_inv  # 0.0 for good without a tpm (the adaptive rate only moves configured limits)
+        tok_cost = tokens * tok_inv
         with self._lock:
             now = self.clock.now()
             req_tat = self._req_tat
@@ -435,7 +438,9 @@ class RateLimiter(GuardBase):
             ready = req_tat - burst + (req_cost if req_cost < burst else burst)
             if ready > at:
                 at = ready
-            ready = tok_tat - burst + (tok_cost if tok_cost < burst else burst)
+            # A call that costs no token (always so without a tpm, unless its token count is infinite: inf × 0 is
+            # NaN, left to the general arithmetic) skips the bucket's arithmetic but not its time: the same values.
+            ready = tok_tat - burst + (tok_cost if tok_cost < burst else burst) if tok_cost else tok_tat - burst
             if ready > at:
                 at = ready
             if self._paused_until > at:
@@ -451,10 +456,13 @@ class RateLimiter(GuardBase):
                     self._req_tat = at + req_cost
                     self._req_busy = at
                 if tok_tat > at:
-                    self._tok_tat = tok_tat + tok_cost
-                else:
+                    if tok_cost:
+                        self._tok_tat = tok_tat + tok_cost
+                elif tok_cost or tok_inv:
                     self._tok_tat = at + tok_cost
                     self._tok_busy = at
+                else:
+                    self._tok_tat = at  # (the busy mark is only read with a tpm)
                 if wait <= 0.0:
                     return None
                 shift = self._shift  # read under the lock: exact even if another thread pauses right after
@@ -771,8 +779,9 @@ class RateLimiter(GuardBase):
         requests = ctx.requests
         tokens = ctx.tokens
         budget = self._max_wait
-        if ctx.deadline != math.inf:
-            left = ctx.remaining()
+        deadline = ctx.deadline
+        if deadline != _INF:
+            left = deadline - ctx.clock.now()  # ctx.remaining(), inlined
             if left < budget:
                 budget = left
         epoch = self._epoch  # the round this call is admitted in (see _back_off)
