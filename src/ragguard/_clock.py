@@ -69,8 +69,8 @@ class SystemClock:
 
     __slots__ = ()
 
-    def now(self) -> float:
-        return time.monotonic()
+    #: seconds on the monotonic clock (``time.monotonic`` itself: no Python frame on the hot path)
+    now = staticmethod(time.monotonic)
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0 or _TESTING.enabled:
