@@ -400,7 +400,8 @@ class SharedRateLimiter(GuardBase):
         self._skip_until = -math.inf
         # what is waiting on each admission path, carried over to the other when fail_open switches paths (module
         # doc): store reservations in seconds of refill of the shared buckets, local-share ones in requests and
-        # tokens; a lock because several threads may share the limiter (only taken around waits)
+        # tokens; a lock because several threads may share the limiter (taken around store waits and local-share
+        # admissions, never on a call the store admits at once)
         self._held_lock = threading.Lock()
         self._held_req = self._held_tok = 0.0
         self._local_req = self._local_tok = 0.0
